@@ -1,0 +1,26 @@
+"""Console entry points: ``mlx_lm_pref.lora`` and ``mlx_lm_pref <command>``."""
+
+import sys
+
+COMMANDS = ("lora",)
+
+
+def lora():
+    """``mlx_lm.lora`` with the preference options: every upstream flag works unchanged."""
+    import mlx_lm_pref  # noqa: F401  (activation)
+    from mlx_lm import lora as mlx_lm_lora
+
+    mlx_lm_lora.main()
+
+
+def main():
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        print(
+            f"usage: mlx_lm_pref {{{','.join(COMMANDS)}}} [options]\n"
+            "  lora   mlx_lm.lora with --loss-type dpo|orpo (see mlx_lm_pref lora --help)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    command = sys.argv.pop(1)
+    sys.argv[0] = f"mlx_lm_pref {command}"
+    {"lora": lora}[command]()

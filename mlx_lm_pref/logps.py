@@ -1,0 +1,51 @@
+"""Per-token and per-sequence log-probs from logits, in float32, with span masks.
+
+Conventions (shared with mlx-lm's ``default_loss``): a batch row holds token ids ``x[0..L)``;
+the model reads ``inputs = x[:, :-1]`` and predicts ``targets = x[:, 1:]``, so target column
+``j`` is token ``j + 1``. A span ``[start, end)`` is given in token indices.
+"""
+
+import mlx.core as mx
+
+
+def token_logps(logits: mx.array, targets: mx.array) -> mx.array:
+    """log pi(target | prefix) for every position.
+
+    Args:
+        logits: (N, T, V), any float dtype.
+        targets: (N, T) token ids.
+
+    Returns:
+        (N, T) float32 log-probs: logit[target] - logsumexp(logits).
+    """
+    logits = logits.astype(mx.float32)
+    picked = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)
+    return picked - mx.logsumexp(logits, axis=-1)
+
+
+def span_mask(spans: mx.array, num_targets: int) -> mx.array:
+    """Mask over target columns for token spans.
+
+    Args:
+        spans: (N, 2) int, ``[start, end)`` in token indices, ``start >= 1``.
+        num_targets: T, the number of target columns (L - 1).
+
+    Returns:
+        (N, T) bool, True where target column j holds a token with start <= j + 1 < end.
+    """
+    token = mx.arange(1, num_targets + 1)
+    return (token >= spans[:, 0:1]) & (token < spans[:, 1:2])
+
+
+def sequence_logps(logps: mx.array, mask: mx.array) -> tuple:
+    """Masked sum of token log-probs per row, and the number of tokens summed.
+
+    Args:
+        logps: (N, T) float32 token log-probs.
+        mask: (N, T) bool.
+
+    Returns:
+        ``(sums, counts)``, each (N,) float32.
+    """
+    mask = mask.astype(mx.float32)
+    return (logps * mask).sum(axis=-1), mask.sum(axis=-1)

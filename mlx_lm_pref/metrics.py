@@ -1,0 +1,68 @@
+"""TRL-named metrics in mlx-lm's reports, its TrainingCallback and ``metrics.jsonl``.
+
+``PreferenceReporter`` wraps whatever callback mlx-lm was given. At a training report it reads
+the on-device running sums the loss keeps (one host sync per report, none per step), prints the
+metrics under mlx-lm's own progress line, appends one JSON object to
+``<adapter_path>/metrics.jsonl`` and passes the metrics on to the wrapped callback (so
+``--report-to wandb`` logs them): training metrics under their TRL names, validation ones with
+mlx-lm's ``val_`` prefix.
+"""
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+from mlx_lm.tuner.callbacks import TrainingCallback
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def format_metrics(metrics: dict) -> str:
+    return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+
+def append_metrics(path: Optional[Path], split: str, iteration: int, metrics: dict):
+    if path is None or mx.distributed.init().rank() != 0:
+        return
+    with open(path, "a") as fid:
+        fid.write(json.dumps({"split": split, "iteration": iteration, **metrics}) + "\n")
+
+
+def print_metrics(split: str, metrics: dict):
+    """One line under mlx-lm's own report line for the same iteration."""
+    if mx.distributed.init().rank() == 0:
+        print(f"          {split:<5} {format_metrics(metrics)}", flush=True)
+
+
+class PreferenceReporter(TrainingCallback):
+    def __init__(self, model, names, path: Optional[Path], inner=None):
+        self.model = model
+        self.names = names
+        self.path = path
+        self.inner = inner
+
+    def _train_metrics(self) -> dict:
+        sums = mx.distributed.all_sum(self.model._pref_train_sum, stream=mx.cpu)
+        self.model._pref_train_sum = mx.zeros_like(self.model._pref_train_sum)
+        sums = sums.tolist()
+        return {k: v / sums[-1] for k, v in zip(self.names, sums)}
+
+    def on_train_loss_report(self, train_info: dict):
+        metrics = self._train_metrics()
+        it = train_info["iteration"]
+        print_metrics("train", metrics)
+        append_metrics(self.path, "train", it, metrics)
+        if self.inner is not None:
+            self.inner.on_train_loss_report({**train_info, **metrics})
+
+    def on_val_loss_report(self, val_info: dict):
+        metrics = getattr(val_info["val_loss"], "metrics", {})
+        it = val_info["iteration"]
+        print_metrics("val", metrics)
+        append_metrics(self.path, "val", it, metrics)
+        if self.inner is not None:
+            prefixed = {f"val_{k}": v for k, v in metrics.items()}
+            self.inner.on_val_loss_report(
+                {**val_info, "val_loss": float(val_info["val_loss"]), **prefixed}
+            )

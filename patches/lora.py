@@ -1,0 +1,71 @@
+"""Patches for ``mlx_lm.lora``, the module behind the ``mlx_lm.lora`` command.
+
+The parser and ``CONFIG_DEFAULTS`` gain the preference options; ``run`` makes the run's options
+visible to the dataset loaders and refuses unsupported setups before anything is loaded or
+written; ``train`` and ``evaluate`` were imported here by name and get the trainer's wrappers;
+``evaluate_model`` (``--test``) reports the preference metrics instead of a perplexity.
+"""
+
+import inspect
+from pathlib import Path
+
+import mlx_lm.tuner.trainer
+from mlx_lm.cli_ui import rprint
+from mlx_lm.tuner.datasets import CacheDataset
+
+from mlx_lm_pref.batching import preference_dataset_of
+from mlx_lm_pref.config import PreferenceArgs, add_arguments, config_defaults, using_options
+from mlx_lm_pref.metrics import METRICS_FILE, append_metrics, format_metrics
+
+from . import function_wrapper
+from . import trainer as trainer_patches
+
+
+def build_parser(wrapped, instance, args, kwargs):
+    parser = wrapped(*args, **kwargs)
+    add_arguments(parser)
+    return parser
+
+
+def run(wrapped, instance, args, kwargs):
+    ns = kwargs["args"] if "args" in kwargs else args[0]
+    options = PreferenceArgs.from_namespace(ns)
+    if options.needs_reference and getattr(ns, "fine_tune_type", "lora") == "full":
+        raise ValueError(
+            f"--loss-type {options.loss_type} with --fine-tune-type full: the reference "
+            "(the base model) comes from switching LoRA adapters off, and full fine-tuning "
+            "has none. Use --fine-tune-type lora (or dora), or the reference-free "
+            "--loss-type orpo."
+        )
+    with using_options(options):
+        return wrapped(*args, **kwargs)
+
+
+def evaluate_model(wrapped, instance, args, kwargs):
+    a = inspect.signature(wrapped).bind(*args, **kwargs).arguments
+    ns, model, test_set = a["args"], a["model"], a["test_set"]
+    if preference_dataset_of(test_set) is None:
+        return wrapped(*args, **kwargs)
+    # Through the patched trainer.evaluate, the same path as validation during training.
+    result = mlx_lm.tuner.trainer.evaluate(
+        model=model,
+        dataset=CacheDataset(test_set),
+        batch_size=ns.batch_size,
+        num_batches=ns.test_batches,
+        max_seq_length=ns.max_seq_length,
+    )
+    rprint(f"Test {format_metrics(result.metrics)}")
+    if ns.adapter_path:
+        iteration = ns.iters if ns.train else 0
+        append_metrics(Path(ns.adapter_path) / METRICS_FILE, "test", iteration, result.metrics)
+    return result
+
+
+PATCHES = [
+    ("build_parser", function_wrapper(build_parser)),
+    ("CONFIG_DEFAULTS", lambda defaults: {**defaults, **config_defaults()}),
+    ("run", function_wrapper(run)),
+    ("train", function_wrapper(trainer_patches.train)),
+    ("evaluate", function_wrapper(trainer_patches.evaluate)),
+    ("evaluate_model", function_wrapper(evaluate_model)),
+]

@@ -1,0 +1,89 @@
+"""Patches for ``mlx_lm.tuner.trainer``.
+
+``default_loss`` and ``iterate_batches`` become preference-aware and fall through to the
+originals for SFT data. ``train`` and ``evaluate`` captured the originals as default arguments,
+so their wrappers put the patched ones in whenever the caller left the default; ``train`` also
+checks the reference and routes the metrics to mlx-lm's reports.
+"""
+
+import inspect
+import sys
+from pathlib import Path
+
+from mlx_lm_pref.batching import iterate_preference_batches, preference_dataset_of
+from mlx_lm_pref.metrics import METRICS_FILE, PreferenceReporter
+from mlx_lm_pref.objective import (
+    clear_metric_state,
+    evaluate_preference,
+    init_metric_state,
+    metric_names,
+    preference_loss,
+)
+from mlx_lm_pref.reference import check_reference
+
+from . import function_wrapper
+
+TARGET = "mlx_lm.tuner.trainer"
+
+
+def default_loss(wrapped, instance, args, kwargs):
+    # A preference batch is (tokens, spans, options): the model makes four arguments.
+    if len(args) + len(kwargs) == 4:
+        return preference_loss(*args, **kwargs)
+    return wrapped(*args, **kwargs)
+
+
+def iterate_batches(wrapped, instance, args, kwargs):
+    dataset = kwargs["dataset"] if "dataset" in kwargs else args[0]
+    if preference_dataset_of(dataset) is not None:
+        return iterate_preference_batches(*args, **kwargs)
+    return wrapped(*args, **kwargs)
+
+
+def _bind(wrapped, args, kwargs):
+    """Bind a call to ``train``/``evaluate``, swapping their captured default loss and batch
+    iterator for the patched module-level ones."""
+    signature = inspect.signature(wrapped)
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    trainer = sys.modules[TARGET]
+    for name, patched in (("loss", "default_loss"), ("iterate_batches", "iterate_batches")):
+        if bound.arguments[name] is signature.parameters[name].default:
+            bound.arguments[name] = getattr(trainer, patched)
+    return bound
+
+
+def train(wrapped, instance, args, kwargs):
+    bound = _bind(wrapped, args, kwargs)
+    a = bound.arguments
+    pairs = preference_dataset_of(a["train_dataset"])
+    if pairs is None:
+        return wrapped(*args, **kwargs)
+    if a["val_dataset"] and preference_dataset_of(a["val_dataset"]) is None:
+        raise ValueError("The training set holds preference pairs but the validation set does not.")
+    model, options = a["model"], pairs.options
+    check_reference(model, options)
+    metrics_path = Path(a["args"].adapter_file).parent / METRICS_FILE
+    a["training_callback"] = PreferenceReporter(
+        model, metric_names(options), metrics_path, inner=a["training_callback"]
+    )
+    init_metric_state(model, options)
+    try:
+        return wrapped(*bound.args, **bound.kwargs)
+    finally:
+        clear_metric_state(model)
+
+
+def evaluate(wrapped, instance, args, kwargs):
+    bound = _bind(wrapped, args, kwargs)
+    if preference_dataset_of(bound.arguments["dataset"]) is None:
+        return wrapped(*args, **kwargs)
+    return evaluate_preference(*bound.args, **bound.kwargs)
+
+
+PATCHES = [
+    ("default_loss", function_wrapper(default_loss)),
+    ("iterate_batches", function_wrapper(iterate_batches)),
+    ("train", function_wrapper(train)),
+    ("evaluate", function_wrapper(evaluate)),
+]
