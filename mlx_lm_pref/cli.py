@@ -7,8 +7,9 @@ COMMANDS = ("lora",)
 
 def lora():
     """``mlx_lm.lora`` with the preference options: every upstream flag works unchanged."""
-    import mlx_lm_pref  # noqa: F401  (activation)
     from mlx_lm import lora as mlx_lm_lora
+
+    import mlx_lm_pref  # noqa: F401  (activation)
 
     mlx_lm_lora.main()
 

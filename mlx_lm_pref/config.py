@@ -80,7 +80,9 @@ class PreferenceArgs:
 
 def config_defaults() -> dict:
     """The entries mlx_lm.lora's CONFIG_DEFAULTS gains."""
-    return {f.name: f.default for f in fields(PreferenceArgs) if f.default is not MISSING}
+    return {
+        f.name: f.default for f in fields(PreferenceArgs) if f.default is not MISSING
+    }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -55,7 +55,9 @@ def read_jsonl(path: Path) -> tuple:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{number}: not valid UTF-8 ({e.reason}).") from None
+                raise DataError(
+                    f"{path}:{number}: not valid UTF-8 ({e.reason})."
+                ) from None
             if not text.strip():
                 continue
             try:
@@ -92,7 +94,8 @@ def _check_row(row, where: str) -> tuple:
                 f"{where}: field '{key}' is missing (found {sorted(row)}); preference "
                 "rows need 'chosen' and 'rejected' (and usually 'prompt')."
             )
-    conversational = _is_messages(row["chosen"])
+    # The prompt (or, without one, chosen) sets the format the other fields must follow.
+    conversational = _is_messages(row.get("prompt", row["chosen"]))
     if "prompt" in row:
         prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
         _check_field(prompt, "prompt", conversational, where, allow_empty=False)
@@ -110,7 +113,7 @@ def _check_field(value, name: str, conversational: bool, where: str, allow_empty
     if conversational:
         if not _is_messages(value):
             raise DataError(
-                f"{where}: field '{name}' must be {kind} like 'chosen', "
+                f"{where}: field '{name}' must be {kind} (the row is conversational), "
                 f"got {type(value).__name__}."
             )
         for i, message in enumerate(value):
@@ -125,7 +128,8 @@ def _check_field(value, name: str, conversational: bool, where: str, allow_empty
     else:
         if not isinstance(value, str):
             raise DataError(
-                f"{where}: field '{name}' must be {kind}, got {type(value).__name__}."
+                f"{where}: field '{name}' must be {kind} (the row is standard), "
+                f"got {type(value).__name__}."
             )
         empty = not value.strip()
     if empty and not allow_empty:
@@ -145,7 +149,9 @@ def _encode_text(tokenizer, text: str) -> List[int]:
     return list(tokenizer.encode(text))
 
 
-def _encode_messages(tokenizer, messages, tools, template_kwargs, **kwargs) -> List[int]:
+def _encode_messages(
+    tokenizer, messages, tools, template_kwargs, **kwargs
+) -> List[int]:
     ids = tokenizer.apply_chat_template(
         messages,
         tools=tools,
@@ -213,7 +219,9 @@ class PreferenceDataset:
         self.dropped = 0
         for where, row, (prompt, chosen, rejected, conversational) in checked:
             try:
-                pair = tokenize_pair(tokenizer, prompt, chosen, rejected, conversational, row)
+                pair = tokenize_pair(
+                    tokenizer, prompt, chosen, rejected, conversational, row
+                )
             except DataError as e:
                 raise DataError(f"{where}: {e}") from None
             if max_seq_length is not None:

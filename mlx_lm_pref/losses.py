@@ -49,7 +49,9 @@ def log1mexp(x: mx.array) -> mx.array:
     return mx.where(near_zero, mx.log(-mx.expm1(x_small)), mx.log1p(-mx.exp(x_large)))
 
 
-def orpo_odds_ratio(chosen_logps: mx.array, rejected_logps: mx.array, beta: float) -> tuple:
+def orpo_odds_ratio(
+    chosen_logps: mx.array, rejected_logps: mx.array, beta: float
+) -> tuple:
     """ORPO's odds-ratio term, Hong et al. 2024, eqs. 4 and 7, as TRL computes it.
 
     log_odds = (a_c - a_r) - (log(1 - exp a_c) - log(1 - exp a_r))

@@ -26,7 +26,9 @@ def append_metrics(path: Optional[Path], split: str, iteration: int, metrics: di
     if path is None or mx.distributed.init().rank() != 0:
         return
     with open(path, "a") as fid:
-        fid.write(json.dumps({"split": split, "iteration": iteration, **metrics}) + "\n")
+        fid.write(
+            json.dumps({"split": split, "iteration": iteration, **metrics}) + "\n"
+        )
 
 
 def print_metrics(split: str, metrics: dict):

@@ -35,7 +35,9 @@ def metric_names(options: PreferenceArgs) -> tuple:
     return METRICS[options.loss_type]
 
 
-def _reward_metrics(loss, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps):
+def _reward_metrics(
+    loss, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps
+):
     return [
         loss,
         chosen_rewards.mean(),
@@ -59,7 +61,9 @@ def dpo_objective(model, inputs, targets, completion, beta):
         sums[:B], sums[B:], ref_sums[:B], ref_sums[B:], beta
     )
     loss = losses.mean()
-    metrics = _reward_metrics(loss, chosen_rewards, rejected_rewards, sums[:B], sums[B:])
+    metrics = _reward_metrics(
+        loss, chosen_rewards, rejected_rewards, sums[:B], sums[B:]
+    )
     return loss, metrics
 
 
@@ -70,12 +74,17 @@ def orpo_objective(model, inputs, targets, completion, spans, beta):
     sums, counts = sequence_logps(logps, completion)
     means = sums / mx.maximum(counts, 1.0)
     B = sums.shape[0] // 2
-    whole = span_mask(mx.concatenate([mx.ones_like(spans[:B, :1]), spans[:B, 1:]], 1), targets.shape[1])
+    whole = span_mask(
+        mx.concatenate([mx.ones_like(spans[:B, :1]), spans[:B, 1:]], 1),
+        targets.shape[1],
+    )
     nll_sum, nll_count = sequence_logps(logps[:B], whole)
     nll = -nll_sum.sum() / nll_count.sum()
     or_losses, log_odds = orpo_odds_ratio(means[:B], means[B:], beta)
     loss = nll + or_losses.mean()
-    metrics = _reward_metrics(loss, beta * means[:B], beta * means[B:], means[:B], means[B:])
+    metrics = _reward_metrics(
+        loss, beta * means[:B], beta * means[B:], means[:B], means[B:]
+    )
     metrics += [nll, nn.log_sigmoid(log_odds).mean(), log_odds.mean()]
     return loss, metrics
 

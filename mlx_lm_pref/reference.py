@@ -18,7 +18,13 @@ from mlx.utils import tree_flatten
 from mlx_lm.tuner.dora import DoRAEmbedding, DoRALinear
 from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear, LoRASwitchLinear
 
-ADAPTER_LAYERS = (LoRALinear, LoRASwitchLinear, LoRAEmbedding, DoRALinear, DoRAEmbedding)
+ADAPTER_LAYERS = (
+    LoRALinear,
+    LoRASwitchLinear,
+    LoRAEmbedding,
+    DoRALinear,
+    DoRAEmbedding,
+)
 # Leaf names of the parameters mlx-lm's adapter layers train.
 ADAPTER_PARAMETERS = {"lora_a", "lora_b", "m"}
 

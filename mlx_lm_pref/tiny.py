@@ -28,7 +28,14 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int = 512, bos: bool = Tr
     With ``bos=True`` encoding text adds ``<s>`` in front (like Llama); with ``bos=False`` the
     tokenizer adds nothing (like Qwen) and has no BOS token.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -43,7 +50,9 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int = 512, bos: bool = Tr
     tok.train_from_iterator(list(corpus), trainer=trainer)
     if bos:
         tok.post_processor = processors.TemplateProcessing(
-            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+            single="<s> $A",
+            pair="<s> $A $B",
+            special_tokens=[("<s>", tok.token_to_id("<s>"))],
         )
     hf = PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -56,7 +65,9 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int = 512, bos: bool = Tr
     return hf
 
 
-def model_config(vocab_size: int, hidden_size=64, layers=2, heads=4, kv_heads=2, ffn=128) -> dict:
+def model_config(
+    vocab_size: int, hidden_size=64, layers=2, heads=4, kv_heads=2, ffn=128
+) -> dict:
     return {
         "model_type": "llama",
         "hidden_size": hidden_size,

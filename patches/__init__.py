@@ -10,11 +10,11 @@ The supported mlx-lm range is declared once, in ``pyproject.toml``'s dependencie
 back here from the installed package metadata.
 """
 
+import importlib
 import importlib.metadata
 import logging
 import sys
 
-import importlib
 import wrapt
 from packaging.requirements import Requirement
 
@@ -75,10 +75,12 @@ def check_version() -> None:
     req = supported_range()
     found = importlib.metadata.version("mlx-lm")
     if not req.specifier.contains(found, prereleases=True):
+        lower_first = sorted(req.specifier, key=lambda s: s.operator.startswith("<"))
+        wanted = ",".join(str(s) for s in lower_first)
         raise UnsupportedVersionError(
-            f"mlx_lm_pref supports mlx-lm {req.specifier} but found mlx-lm {found}; "
+            f"mlx_lm_pref supports mlx-lm {wanted} but found mlx-lm {found}; "
             f"nothing was patched. Install a supported version: "
-            f"pip install 'mlx-lm{req.specifier}'."
+            f"pip install 'mlx-lm{wanted}'."
         )
 
 

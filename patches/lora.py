@@ -14,7 +14,12 @@ from mlx_lm.cli_ui import rprint
 from mlx_lm.tuner.datasets import CacheDataset
 
 from mlx_lm_pref.batching import preference_dataset_of
-from mlx_lm_pref.config import PreferenceArgs, add_arguments, config_defaults, using_options
+from mlx_lm_pref.config import (
+    PreferenceArgs,
+    add_arguments,
+    config_defaults,
+    using_options,
+)
 from mlx_lm_pref.metrics import METRICS_FILE, append_metrics, format_metrics
 
 from . import function_wrapper
@@ -30,6 +35,12 @@ def build_parser(wrapped, instance, args, kwargs):
 def run(wrapped, instance, args, kwargs):
     ns = kwargs["args"] if "args" in kwargs else args[0]
     options = PreferenceArgs.from_namespace(ns)
+    if not options.is_preference:
+        # An SFT run stays upstream's byte for byte, adapter_config.json included.
+        for name in config_defaults():
+            if hasattr(ns, name):
+                delattr(ns, name)
+        return wrapped(*args, **kwargs)
     if options.needs_reference and getattr(ns, "fine_tune_type", "lora") == "full":
         raise ValueError(
             f"--loss-type {options.loss_type} with --fine-tune-type full: the reference "
@@ -57,7 +68,9 @@ def evaluate_model(wrapped, instance, args, kwargs):
     rprint(f"Test {format_metrics(result.metrics)}")
     if ns.adapter_path:
         iteration = ns.iters if ns.train else 0
-        append_metrics(Path(ns.adapter_path) / METRICS_FILE, "test", iteration, result.metrics)
+        append_metrics(
+            Path(ns.adapter_path) / METRICS_FILE, "test", iteration, result.metrics
+        )
     return result
 
 

@@ -47,7 +47,10 @@ def _bind(wrapped, args, kwargs):
     bound = signature.bind(*args, **kwargs)
     bound.apply_defaults()
     trainer = sys.modules[TARGET]
-    for name, patched in (("loss", "default_loss"), ("iterate_batches", "iterate_batches")):
+    for name, patched in (
+        ("loss", "default_loss"),
+        ("iterate_batches", "iterate_batches"),
+    ):
         if bound.arguments[name] is signature.parameters[name].default:
             bound.arguments[name] = getattr(trainer, patched)
     return bound
@@ -60,7 +63,9 @@ def train(wrapped, instance, args, kwargs):
     if pairs is None:
         return wrapped(*args, **kwargs)
     if a["val_dataset"] and preference_dataset_of(a["val_dataset"]) is None:
-        raise ValueError("The training set holds preference pairs but the validation set does not.")
+        raise ValueError(
+            "The training set holds preference pairs but the validation set does not."
+        )
     model, options = a["model"], pairs.options
     check_reference(model, options)
     metrics_path = Path(a["args"].adapter_file).parent / METRICS_FILE

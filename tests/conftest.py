@@ -15,20 +15,33 @@ ADJ = ["calm", "bright", "small", "old", "quiet", "cold", "warm", "tall"]
 
 
 def make_rows(n, seed, conversational=False, prompt=True):
-    """Pairs whose chosen answer always says 'yes' and rejected 'no': learnable fast."""
+    """Pairs whose chosen answer always says 'yes', learnt in a few dozen steps. The rejected
+    answer names another noun, so an untrained model's preferences vary from pair to pair.
+    """
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
         noun, adj = rng.choice(NOUNS), rng.choice(ADJ)
         q = f"Is the {adj} {noun} nice?"
-        good, bad = f"Yes, the {noun} is nice.", f"No, the {noun} is bad."
+        good, bad = (
+            f"Yes, the {noun} is nice.",
+            f"No, the {rng.choice(NOUNS)} is {rng.choice(ADJ)}.",
+        )
         if conversational:
             p = [{"role": "user", "content": q}]
             c = [{"role": "assistant", "content": good}]
             r = [{"role": "assistant", "content": bad}]
-            rows.append({"prompt": p, "chosen": c, "rejected": r} if prompt else {"chosen": p + c, "rejected": p + r})
+            rows.append(
+                {"prompt": p, "chosen": c, "rejected": r}
+                if prompt
+                else {"chosen": p + c, "rejected": p + r}
+            )
         else:
-            rows.append({"prompt": q + " ", "chosen": good, "rejected": bad} if prompt else {"chosen": f"{q} {good}", "rejected": f"{q} {bad}"})
+            rows.append(
+                {"prompt": q + " ", "chosen": good, "rejected": bad}
+                if prompt
+                else {"chosen": f"{q} {good}", "rejected": f"{q} {bad}"}
+            )
     return rows
 
 
@@ -42,10 +55,18 @@ def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def write_data(folder, conversational=False, n_train=64, n_valid=16, n_test=16, prompt=True):
+def write_data(
+    folder, conversational=False, n_train=64, n_valid=16, n_test=16, prompt=True
+):
     folder = Path(folder)
-    for name, n, seed in (("train", n_train, 1), ("valid", n_valid, 2), ("test", n_test, 3)):
-        write_jsonl(folder / f"{name}.jsonl", make_rows(n, seed, conversational, prompt))
+    for name, n, seed in (
+        ("train", n_train, 1),
+        ("valid", n_valid, 2),
+        ("test", n_test, 3),
+    ):
+        write_jsonl(
+            folder / f"{name}.jsonl", make_rows(n, seed, conversational, prompt)
+        )
     return folder
 
 
@@ -53,27 +74,48 @@ def write_data(folder, conversational=False, n_train=64, n_valid=16, n_test=16, 
 def tiny_model(tmp_path_factory):
     from mlx_lm_pref.tiny import build_model
 
-    return build_model(tmp_path_factory.mktemp("models") / "tiny", corpus(), vocab_size=300)
+    return build_model(
+        tmp_path_factory.mktemp("models") / "tiny", corpus(), vocab_size=300
+    )
 
 
 @pytest.fixture(scope="session")
 def tiny_model_nobos(tmp_path_factory):
     from mlx_lm_pref.tiny import build_model
 
-    return build_model(tmp_path_factory.mktemp("models") / "tiny_nobos", corpus(), vocab_size=300, bos=False)
+    return build_model(
+        tmp_path_factory.mktemp("models") / "tiny_nobos",
+        corpus(),
+        vocab_size=300,
+        bos=False,
+    )
 
 
 def run_cli(*args, cwd=None, check=True, module="mlx_lm_pref", timeout=600):
     """Run ``python -m <module> ...`` in a fresh interpreter (patch state cannot leak)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     proc = subprocess.run(
         [sys.executable, "-m", module, *map(str, args)],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 
 def read_metrics(adapter_path):
-    return [json.loads(l) for l in (Path(adapter_path) / "metrics.jsonl").read_text().splitlines()]
+    return [
+        json.loads(l)
+        for l in (Path(adapter_path) / "metrics.jsonl").read_text().splitlines()
+    ]

@@ -1,0 +1,250 @@
+"""The real command line, end to end, in subprocesses: training, validation and --test
+through the patched mlx_lm.lora, adapters loaded back with mlx_lm.load, SFT untouched, and
+errors raised before anything is written."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import make_rows, read_metrics, run_cli, write_data, write_jsonl
+
+TRAIN = [
+    "--train",
+    "--iters",
+    "40",
+    "--batch-size",
+    "4",
+    "--num-layers",
+    "2",
+    "--learning-rate",
+    "1e-3",
+    "--steps-per-eval",
+    "20",
+    "--val-batches",
+    "-1",
+    "--seed",
+    "0",
+]
+
+
+def first_and_last(metrics, split):
+    rows = [m for m in metrics if m["split"] == split]
+    return rows[0], rows[-1]
+
+
+def check_learned(adapters, model, loss_type):
+    metrics = read_metrics(adapters)
+    first, last = first_and_last(metrics, "val")
+    assert first["iteration"] == 0 and last["iteration"] == 39
+    assert last["rewards/accuracies"] > first["rewards/accuracies"]
+    assert last["loss"] < first["loss"]
+    assert last["rewards/margins"] > first["rewards/margins"]
+    if loss_type == "dpo":
+        # a fresh adapter: policy == reference, every pair scores exactly ln 2
+        assert abs(first["loss"] - math.log(2)) < 1e-6
+        assert first["rewards/chosen"] == first["rewards/rejected"] == 0.0
+    else:
+        assert {"nll_loss", "log_odds_ratio", "log_odds_chosen"} <= set(last)
+    # the adapter mlx-lm wrote loads back into an ordinary mlx-lm model
+    from mlx_lm import load
+
+    loaded, _ = load(str(model), adapter_path=str(adapters))
+    assert any(
+        "lora_a" in k
+        for k, _ in __import__("mlx.utils").utils.tree_flatten(loaded.parameters())
+    )
+    return metrics
+
+
+@pytest.mark.parametrize("loss_type", ["dpo", "orpo"])
+def test_standard_rows_train_validate_and_test(tiny_model, tmp_path, loss_type):
+    data = write_data(tmp_path / "data")
+    adapters = tmp_path / "adapters"
+    proc = run_cli(
+        "lora",
+        "--model",
+        tiny_model,
+        "--data",
+        data,
+        "--adapter-path",
+        adapters,
+        "--loss-type",
+        loss_type,
+        "--test",
+        "--steps-per-report",
+        "1",
+        *TRAIN,
+    )
+    metrics = check_learned(adapters, tiny_model, loss_type)
+    train = [m for m in metrics if m["split"] == "train"]
+    assert [m["iteration"] for m in train] == list(range(1, 41))
+    if loss_type == "dpo":
+        assert abs(train[0]["loss"] - math.log(2)) < 1e-6  # the very first step
+    test = [m for m in metrics if m["split"] == "test"]
+    assert len(test) == 1 and test[0]["iteration"] == 40
+    assert set(test[0]) == set(train[0])  # --test reports the same metric names
+    assert "rewards/accuracies" in proc.stdout and "Test loss" in proc.stdout
+
+
+@pytest.mark.parametrize("loss_type", ["dpo", "orpo"])
+def test_conversational_rows_from_a_yaml_config_with_the_console_script(
+    tiny_model, tmp_path, loss_type
+):
+    data = write_data(tmp_path / "chat", conversational=True)
+    adapters = tmp_path / "adapters"
+    config = tmp_path / "config.yaml"
+    beta = {"dpo": 0.2, "orpo": 1.0}[loss_type]
+    config.write_text(
+        f"model: {tiny_model}\ndata: {data}\nadapter_path: {adapters}\nloss_type: {loss_type}\nbeta: {beta}\n"
+    )
+    script = Path(sys.executable).parent / "mlx_lm_pref.lora"
+    assert script.exists(), "console script not installed"
+    subprocess.run(
+        [str(script), "--config", config, *TRAIN],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=600,
+    )
+    check_learned(adapters, tiny_model, loss_type)
+    saved = json.loads((adapters / "adapter_config.json").read_text())
+    assert saved["loss_type"] == loss_type and saved["beta"] == beta
+
+
+def test_implicit_prompts_through_hf_dataset(tiny_model, tmp_path):
+    """mlx-lm's `hf_dataset` config path (the local `json` builder, no hub) with rows that
+    have no 'prompt': the shared prefix is the prompt."""
+    write_jsonl(tmp_path / "pairs.jsonl", make_rows(80, 7, prompt=False))
+    adapters = tmp_path / "adapters"
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"model: {tiny_model}\nadapter_path: {adapters}\nloss_type: dpo\n"
+        f"hf_dataset:\n  path: json\n  train_split: 'train[:64]'\n  valid_split: 'train[64:]'\n"
+        f"  config:\n    data_files: {tmp_path / 'pairs.jsonl'}\n"
+    )
+    run_cli("lora", "--config", config, *TRAIN)
+    check_learned(adapters, tiny_model, "dpo")
+
+
+def test_sft_is_bit_identical_to_unpatched_mlx_lm(tiny_model, tmp_path):
+    rows = [{"text": r["prompt"] + r["chosen"]} for r in make_rows(40, 5)]
+    for split in ("train", "valid"):
+        write_jsonl(tmp_path / "sft" / f"{split}.jsonl", rows)
+    args = [
+        "--model",
+        tiny_model,
+        "--data",
+        tmp_path / "sft",
+        "--steps-per-report",
+        "2",
+        *TRAIN,
+    ]
+    upstream = run_cli(
+        "lora", *args, "--adapter-path", tmp_path / "up", module="mlx_lm"
+    )
+    ours = run_cli("lora", *args, "--adapter-path", tmp_path / "ours")
+    for name in ("adapters.safetensors", "adapter_config.json"):
+        assert (tmp_path / "up" / name).read_bytes() != b""
+        assert (tmp_path / "up" / name).read_bytes() == (
+            tmp_path / "ours" / name
+        ).read_bytes().replace(
+            str(tmp_path / "ours").encode(), str(tmp_path / "up").encode()
+        ), name
+    losses = lambda out: [
+        l.split()[1:2] for l in out.splitlines() if "▼" in l or "▲" in l
+    ]  # noqa: E731
+    assert (
+        losses(upstream.stdout) == losses(ours.stdout)
+        and len(losses(ours.stdout)) == 20
+    )
+    assert not (tmp_path / "ours" / "metrics.jsonl").exists()
+
+
+def test_bad_row_stops_before_anything_is_written(tiny_model, tmp_path):
+    data = write_data(tmp_path / "data")
+    lines = (data / "valid.jsonl").read_text().splitlines()
+    lines[1] = json.dumps({"prompt": "Is it?", "chosen": "Yes.", "rejeced": "No."})
+    (data / "valid.jsonl").write_text("\n".join(lines) + "\n")
+    proc = run_cli(
+        "lora",
+        "--model",
+        tiny_model,
+        "--data",
+        data,
+        "--adapter-path",
+        tmp_path / "out",
+        "--loss-type",
+        "dpo",
+        *TRAIN,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert f"{data / 'valid.jsonl'}:2: field 'rejected' is missing" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (
+            "loss_type: dpoo\n",
+            "Unknown loss_type 'dpoo'. Valid values: sft, dpo, orpo.",
+        ),
+        ("loss_type: dpo\nfine_tune_type: full\n", "full fine-tuning has none"),
+        ("loss_type: dpo\nbeta: 0\n", "beta must be > 0"),
+    ],
+)
+def test_unsupported_settings_are_refused_before_loading(
+    tiny_model, tmp_path, extra, message
+):
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"model: {tiny_model}\ndata: {tmp_path}\nadapter_path: {tmp_path / 'out'}\n{extra}"
+    )
+    proc = run_cli("lora", "--config", config, "--train", check=False)
+    assert proc.returncode != 0 and message in proc.stderr
+    assert "Loading pretrained model" not in proc.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_sft_data_with_dpo_and_preference_data_with_sft(tiny_model, tmp_path):
+    write_jsonl(tmp_path / "sft" / "train.jsonl", [{"text": "hello"}] * 8)
+    proc = run_cli(
+        "lora",
+        "--model",
+        tiny_model,
+        "--data",
+        tmp_path / "sft",
+        "--loss-type",
+        "dpo",
+        "--adapter-path",
+        tmp_path / "o",
+        *TRAIN,
+        check=False,
+    )
+    assert (
+        proc.returncode != 0
+        and "train.jsonl:1: field 'chosen' is missing" in proc.stderr
+    )
+    data = write_data(tmp_path / "pref")
+    proc = run_cli(
+        "lora",
+        "--model",
+        tiny_model,
+        "--data",
+        data,
+        "--adapter-path",
+        tmp_path / "o",
+        *TRAIN,
+        check=False,
+    )
+    assert (
+        proc.returncode != 0
+        and "train on them with --loss-type dpo or orpo" in proc.stderr
+    )

@@ -1,0 +1,148 @@
+"""Patch lifecycle, each case in a fresh interpreter so patches cannot leak between tests:
+import order, applying twice, unpatch restoring every original, re-applying, and an
+unsupported mlx-lm version."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+TARGETS = """
+import importlib
+TARGETS = {
+    "mlx_lm.tuner.trainer": ["default_loss", "iterate_batches", "train", "evaluate"],
+    "mlx_lm.tuner": ["train", "evaluate"],
+    "mlx_lm.tuner.datasets": ["create_dataset", "load_local_dataset"],
+    "mlx_lm.lora": ["build_parser", "CONFIG_DEFAULTS", "run", "train", "evaluate", "evaluate_model"],
+}
+def snapshot():
+    return {(m, a): getattr(importlib.import_module(m), a) for m, ats in TARGETS.items() for a in ats}
+"""
+
+
+def run_python(code, env=None):
+    proc = subprocess.run(
+        [sys.executable, "-c", TARGETS + textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_import_before_mlx_lm():
+    out = run_python("""
+        import mlx_lm_pref
+        from mlx_lm_pref.patches import PreferenceWrapper, applied
+        import mlx_lm.lora
+        now = snapshot()
+        assert len(applied()) == len(now) == 14, applied().keys()
+        for key, obj in now.items():
+            assert applied()[".".join(key)][1] is obj, key
+        assert "loss_type" in mlx_lm.lora.build_parser().parse_args(["--loss-type", "dpo"]).__dict__
+        assert mlx_lm.lora.CONFIG_DEFAULTS["loss_type"] == "sft"
+        print("ok")
+    """)
+    assert "ok" in out
+
+
+def test_import_after_mlx_lm_then_unpatch_and_reapply():
+    out = run_python("""
+        import mlx_lm.lora
+        originals = snapshot()
+        import mlx_lm_pref
+        from mlx_lm_pref.patches import PreferenceWrapper
+        patched = snapshot()
+        for key in originals:
+            assert patched[key] is not originals[key], key
+            if callable(originals[key]):
+                assert isinstance(patched[key], PreferenceWrapper)
+                # never wrapped twice: directly around the original
+                assert patched[key].__wrapped__ is originals[key], key
+
+        assert mlx_lm_pref.patch() is False  # second apply: nothing happens
+        assert snapshot() == patched
+
+        mlx_lm_pref.unpatch()
+        restored = snapshot()
+        for key in originals:
+            assert restored[key] is originals[key], key
+        assert "loss_type" not in mlx_lm.lora.CONFIG_DEFAULTS
+
+        assert mlx_lm_pref.patch() is True
+        again = snapshot()
+        for key in originals:
+            assert again[key] is not originals[key]
+            if callable(originals[key]):
+                assert again[key].__wrapped__ is originals[key], key
+        print("ok")
+    """)
+    assert "ok" in out
+
+
+def test_stale_reference_falls_through_after_unpatch():
+    out = run_python("""
+        import mlx_lm_pref
+        from mlx_lm.tuner.trainer import default_loss  # taken while patched
+        import mlx.core as mx
+        from mlx_lm.models import llama
+        mlx_lm_pref.unpatch()
+        args = llama.ModelArgs(model_type="llama", hidden_size=16, num_hidden_layers=1,
+            intermediate_size=32, num_attention_heads=2, rms_norm_eps=1e-5, vocab_size=20)
+        model = llama.Model(args)
+        batch, lengths = mx.array([[1, 2, 3, 4]]), mx.array([[0, 3]])
+        assert default_loss(model, batch, lengths)[0].item() == default_loss.__wrapped__(model, batch, lengths)[0].item()
+        print("ok")
+    """)
+    assert "ok" in out
+
+
+@pytest.fixture(scope="module")
+def old_mlx_lm(tmp_path_factory):
+    """A real mlx-lm release just below the supported range, installed on its own."""
+    target = tmp_path_factory.mktemp("old_mlx_lm")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--target",
+            str(target),
+            "mlx-lm==0.31.3",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    return target
+
+
+def test_unsupported_mlx_lm_version_patches_nothing(old_mlx_lm):
+    import os
+
+    env = {**os.environ, "PYTHONPATH": str(old_mlx_lm)}
+    out = run_python(
+        """
+        import importlib.metadata, sys
+        assert importlib.metadata.version("mlx-lm") == "0.31.3"
+        try:
+            import mlx_lm_pref
+        except ImportError as e:
+            print("ERROR:", e)
+            assert type(e).__name__ == "UnsupportedVersionError"
+        else:
+            raise AssertionError("imported with an unsupported mlx-lm")
+        patches = sys.modules["mlx_lm_pref.patches"]
+        assert not patches.is_applied() and not patches.applied()
+        assert not any(m == "mlx_lm" or m.startswith("mlx_lm.") for m in sys.modules), "mlx_lm was imported"
+    """,
+        env=env,
+    )
+    assert "supports mlx-lm >=0.32.2,<0.33 but found mlx-lm 0.31.3" in out
+    assert "nothing was patched" in out
