@@ -42,6 +42,14 @@ class Pair:
     def __len__(self):
         return max(len(self.chosen), len(self.rejected))
 
+    def __getitem__(self, index):
+        # Only mlx-lm's original iterate_batches slices dataset items.
+        raise TypeError(
+            "A preference pair reached mlx-lm's unpatched batching. Import mlx_lm_pref "
+            "before binding mlx-lm functions by name (`from mlx_lm.tuner.trainer import "
+            "train` done earlier keeps the original), or call them as module attributes."
+        )
+
 
 def is_preference_row(row) -> bool:
     return isinstance(row, dict) and "chosen" in row and "rejected" in row

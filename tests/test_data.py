@@ -142,3 +142,20 @@ def test_prompt_filling_max_length_is_dropped_and_counted(tokenizer, capsys):
     assert len(ds) == 1 and ds.dropped == 1
     assert "dropped 1 of 2 pairs" in capsys.readouterr().out
     assert all(len(s) <= 16 for s in (ds[0].chosen, ds[0].rejected))
+
+
+def test_pairs_in_unpatched_batching_fail_with_a_clear_message(tmp_path, tokenizer):
+    import mlx_lm.tuner.trainer as trainer
+    from mlx_lm.tuner.datasets import CacheDataset
+
+    ds = CacheDataset(load(tmp_path, tokenizer, [GOOD, GOOD]))
+    original = trainer.iterate_batches.__wrapped__
+    with pytest.raises(
+        TypeError, match="Import mlx_lm_pref before binding mlx-lm functions"
+    ):
+        next(original(ds, batch_size=2, max_seq_length=64))
+    tokens, spans, options = next(
+        trainer.iterate_batches(ds, batch_size=2, max_seq_length=64)
+    )
+    assert tokens.shape[0] == 4 and spans.tolist()[0][0] == ds[0].prompt_length
+    assert PreferenceArgs(*options) == DPO

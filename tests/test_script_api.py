@@ -1,0 +1,113 @@
+"""A script that drives mlx-lm's Python API itself only adds ``import mlx_lm_pref`` (before it
+binds mlx-lm functions by name): the upstream ``load_dataset`` and ``train`` become
+preference-aware, the metrics reach the
+script's own TrainingCallback, and ``mlx_lm.fuse`` fuses the adapter unchanged."""
+
+import subprocess
+import sys
+import textwrap
+
+from conftest import run_cli, write_data
+
+SCRIPT = """
+import json, sys, types
+import mlx.core as mx
+import mlx.optimizers as optim
+import mlx_lm.tuner.datasets as datasets
+import mlx_lm.tuner.trainer as trainer  # mlx_lm first, on purpose: order does not matter
+from mlx_lm import load
+from mlx_lm.tuner.datasets import CacheDataset
+from mlx_lm.tuner.trainer import TrainingArgs, TrainingCallback
+from mlx_lm.tuner.utils import linear_to_lora_layers
+import mlx_lm_pref
+
+model_path, data, adapters = sys.argv[1:4]
+model, tokenizer = load(model_path)
+args = types.SimpleNamespace(data=data, train=True, test=False, loss_type="dpo", beta=0.1,
+                             max_seq_length=512)
+train_set, valid_set, _ = datasets.load_dataset(args, tokenizer)
+model.freeze()
+linear_to_lora_layers(model, 2, {"rank": 8, "dropout": 0.0, "scale": 20.0})
+
+class Recorder(TrainingCallback):
+    def __init__(self):
+        self.train, self.val = [], []
+    def on_train_loss_report(self, info):
+        self.train.append(info)
+    def on_val_loss_report(self, info):
+        self.val.append(info)
+
+recorder = Recorder()
+trainer.train(model, optim.Adam(learning_rate=1e-3), CacheDataset(train_set), CacheDataset(valid_set),
+      args=TrainingArgs(batch_size=4, iters=20, steps_per_report=10, steps_per_eval=20,
+                        val_batches=-1, adapter_file=f"{adapters}/adapters.safetensors"),
+      training_callback=recorder)
+assert "_pref_metrics" not in model and "_pref_train_sum" not in model  # cleaned up
+json.dump({"train": recorder.train, "val": recorder.val}, sys.stdout, default=float)
+"""
+
+
+def test_script_api_and_fuse(tiny_model, tmp_path):
+    data = write_data(tmp_path / "data")
+    adapters = tmp_path / "adapters"
+    adapters.mkdir()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(SCRIPT),
+            str(tiny_model),
+            str(data),
+            str(adapters),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [t["iteration"] for t in seen["train"]] == [10, 20]
+    for info in seen["train"]:
+        assert {
+            "train_loss",
+            "rewards/accuracies",
+            "rewards/margins",
+            "logps/chosen",
+        } <= set(info)
+        assert abs(info["train_loss"] - info["loss"]) < 1e-6
+    first, last = seen["val"][0], seen["val"][-1]
+    assert {"val_loss", "val_rewards/accuracies", "val_rewards/margins"} <= set(first)
+    assert last["val_rewards/accuracies"] > first["val_rewards/accuracies"]
+    assert (adapters / "metrics.jsonl").exists()
+
+    # mlx_lm.fuse takes the adapter as is (it needs the adapter_config.json mlx_lm.lora writes)
+    (adapters / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "fine_tune_type": "lora",
+                "num_layers": 2,
+                "lora_parameters": {"rank": 8, "dropout": 0.0, "scale": 20.0},
+            }
+        )
+    )
+    run_cli(
+        "fuse",
+        "--model",
+        tiny_model,
+        "--adapter-path",
+        adapters,
+        "--save-path",
+        tmp_path / "fused",
+        module="mlx_lm",
+    )
+    import mlx.core as mx
+    from mlx_lm import load
+
+    tokens = mx.array([[1, 20, 30, 40, 50]])
+    with_adapter, _ = load(str(tiny_model), adapter_path=str(adapters))
+    fused, _ = load(str(tmp_path / "fused"))
+    base, _ = load(str(tiny_model))
+    assert mx.abs(with_adapter(tokens) - base(tokens)).max().item() > 1e-3
+    assert mx.allclose(with_adapter(tokens), fused(tokens), atol=1e-4).item()
