@@ -10,6 +10,17 @@ from pathlib import Path
 
 import pytest
 
+# A Llama small enough to build in-process in milliseconds (tests of pure functions).
+TINY_LLAMA = dict(
+    model_type="llama",
+    hidden_size=32,
+    num_hidden_layers=2,
+    intermediate_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-5,
+    vocab_size=50,
+)
 NOUNS = ["sky", "sea", "leaf", "sun", "rose", "snow", "coal", "lime", "plum", "sand"]
 ADJ = ["calm", "bright", "small", "old", "quiet", "cold", "warm", "tall"]
 

@@ -6,6 +6,7 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import TINY_LLAMA
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models import llama
 from mlx_lm.tuner.utils import linear_to_lora_layers
@@ -21,16 +22,7 @@ from mlx_lm_pref.reference import adapters_disabled
 
 def tiny_lora_model(seed=0, nonzero_adapter=True):
     mx.random.seed(seed)
-    args = llama.ModelArgs(
-        model_type="llama",
-        hidden_size=32,
-        num_hidden_layers=2,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rms_norm_eps=1e-5,
-        vocab_size=50,
-    )
+    args = llama.ModelArgs(**TINY_LLAMA)
     model = llama.Model(args)
     model.freeze()
     linear_to_lora_layers(model, 2, {"rank": 4, "dropout": 0.0, "scale": 2.0})

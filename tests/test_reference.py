@@ -4,6 +4,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from conftest import TINY_LLAMA
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models import llama
 from mlx_lm.models.switch_layers import SwitchLinear
@@ -15,22 +16,12 @@ import mlx_lm_pref  # noqa: F401
 from mlx_lm_pref.config import PreferenceArgs
 from mlx_lm_pref.reference import adapter_layers, adapters_disabled, check_reference
 
-ARGS = dict(
-    model_type="llama",
-    hidden_size=32,
-    num_hidden_layers=2,
-    intermediate_size=64,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    rms_norm_eps=1e-5,
-    vocab_size=50,
-)
 DPO = PreferenceArgs(loss_type="dpo")
 
 
 def base_and_adapted(dora=False, keys=None):
     mx.random.seed(0)
-    model = llama.Model(llama.ModelArgs(**ARGS))
+    model = llama.Model(llama.ModelArgs(**TINY_LLAMA))
     mx.eval(model.parameters())
     tokens = mx.array([[1, 5, 9, 13, 7, 21, 3]])
     base_logits = model(tokens)
@@ -94,7 +85,7 @@ def test_scales_restored_after_an_exception():
 
 
 def test_full_fine_tuning_with_dpo_is_refused():
-    model = llama.Model(llama.ModelArgs(**ARGS))
+    model = llama.Model(llama.ModelArgs(**TINY_LLAMA))
     with pytest.raises(ValueError, match="no adapter layers.*--fine-tune-type lora"):
         check_reference(model, DPO)
     check_reference(model, PreferenceArgs(loss_type="orpo"))  # reference-free: fine
