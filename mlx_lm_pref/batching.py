@@ -1,16 +1,25 @@
 """Preference batches: chosen rows then rejected rows, one (2B, L) array.
 
-Yields ``(tokens, spans, options)``:
+Both iterators yield ``(tokens, spans, options)``:
 - ``tokens``: (2B, L) int32, rows ``[0, B)`` are the chosen sequences and ``[B, 2B)`` the
   rejected ones of the same pairs, right-padded with 0;
-- ``spans``: (2B, 2) int32, ``[completion start, sequence end)`` per row, in token indices;
+- ``spans``: (2B, 2) int32, ``[completion start, sequence end)`` per row, in token indices
+  (chosen and rejected rows each carry their own start);
 - ``options``: ``PreferenceArgs.as_constants()``, compile-time constants for the loss.
 
-Ordering, padding and the split across ranks follow mlx-lm's ``iterate_batches``: pairs sorted
-by length and cut into batches (so chosen and rejected lengths stay close), batches shuffled,
-each rank taking every ``size``-th pair of a batch (a pair never splits across ranks), width
-padded to one plus a multiple of 32 to bound recompilation.
+Training (``iterate_preference_batches``) follows mlx-lm's ``iterate_batches``: pairs sorted by
+length and cut into full batches (so chosen and rejected lengths stay close; the remainder is
+left out), batches shuffled, each rank taking every ``size``-th pair of a batch (a pair never
+splits across ranks).
+
+Evaluation (``iterate_eval_batches``) follows TRL's evaluation loop instead: consecutive pairs
+in dataset order, the last batch smaller when the pairs do not divide into batches.
+
+Either way the width is padded to one plus a multiple of 32 (at most ``max_seq_length``) to
+bound recompilation; padding never reaches a loss or a metric.
 """
+
+import math
 
 import mlx.core as mx
 import numpy as np
@@ -28,6 +37,13 @@ def preference_dataset_of(dataset):
     return dataset if isinstance(dataset, PreferenceDataset) else None
 
 
+def _ranks(comm_group, batch_size):
+    offset, step = (comm_group.rank(), comm_group.size()) if comm_group else (0, 1)
+    if batch_size % step != 0:
+        raise ValueError("The batch size must be divisible by the number of workers")
+    return offset, step
+
+
 def iterate_preference_batches(
     dataset,
     batch_size,
@@ -41,9 +57,7 @@ def iterate_preference_batches(
         raise ValueError(
             f"{pairs.source}: has {len(pairs)} pairs, fewer than batch_size={batch_size}."
         )
-    offset, step = (comm_group.rank(), comm_group.size()) if comm_group else (0, 1)
-    if batch_size % step != 0:
-        raise ValueError("The batch size must be divisible by the number of workers")
+    offset, step = _ranks(comm_group, batch_size)
 
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i]))
     batch_idx = [
@@ -61,9 +75,42 @@ def iterate_preference_batches(
             break
 
 
+def eval_batch_count(dataset, batch_size) -> int:
+    """How many batches ``iterate_eval_batches`` cuts ``dataset`` into (on every rank
+    together): ``ceil(len / batch_size)``."""
+    return math.ceil(len(preference_dataset_of(dataset)) / batch_size)
+
+
+def iterate_eval_batches(dataset, batch_size, max_seq_length, comm_group=None, **_):
+    """Batches in TRL's evaluation order: pairs ``[k*B, (k+1)*B)`` in dataset order for
+    k = 0, 1, ..., the last batch holding the remainder when ``B`` does not divide the
+    number of pairs (TRL's ``DataLoader`` keeps it; nothing is sorted, shuffled or left out).
+
+    With a ``comm_group`` of size ``S > 1``, each batch's pairs are split across ranks as in
+    training: rank ``r`` takes pairs ``r, r + S, ...`` of the batch (``B`` must divide by
+    ``S``), so every full batch gives each rank ``B / S`` pairs. In a ragged last batch of
+    ``n < B`` pairs the ranks ``r < n mod S`` take one pair more than the others, and a rank
+    with ``r >= n`` has no pair of it and yields no batch for it: a rank then yields one batch
+    fewer than ``eval_batch_count``. The i-th batch a rank yields is always part of global
+    batch i, so per-batch metrics are combined across ranks by summing pair-weighted
+    values (and pair counts) per batch index, with zeros for a batch a rank did not get.
+
+    Extra keyword arguments of mlx-lm's iterator protocol (``loop``, ``seed``) are ignored.
+    """
+    pairs = preference_dataset_of(dataset)
+    offset, step = _ranks(comm_group, batch_size)
+    constants = pairs.options.as_constants()
+    for first in range(0, len(pairs), batch_size):
+        chunk = range(first, min(first + batch_size, len(pairs)))
+        batch = [pairs[j] for j in chunk[offset::step]]
+        if not batch:
+            continue
+        yield (*collate(batch, max_seq_length, pairs.source), constants)
+
+
 def collate(batch, max_seq_length, source="data"):
     rows = [p.chosen for p in batch] + [p.rejected for p in batch]
-    starts = [p.prompt_length for p in batch] * 2
+    starts = [p.chosen_start for p in batch] + [p.rejected_start for p in batch]
     longest = max(len(r) for r in rows)
     width = min(1 + PAD_TO * ((longest + PAD_TO - 1) // PAD_TO), max_seq_length)
     tokens = np.zeros((len(rows), width), np.int32)

@@ -2,7 +2,7 @@
 
 import sys
 
-COMMANDS = ("lora",)
+COMMANDS = ("lora", "demo")
 
 
 def lora():
@@ -10,18 +10,30 @@ def lora():
     from mlx_lm import lora as mlx_lm_lora
 
     import mlx_lm_pref  # noqa: F401  (activation)
+    from mlx_lm_pref.config import ConfigError
+    from mlx_lm_pref.data import DataError
 
-    mlx_lm_lora.main()
+    try:
+        mlx_lm_lora.main()
+    except (ConfigError, DataError) as e:
+        # Our own errors say what to fix; a traceback would only bury that.
+        print(f"mlx_lm_pref: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def main():
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
         print(
             f"usage: mlx_lm_pref {{{','.join(COMMANDS)}}} [options]\n"
-            "  lora   mlx_lm.lora with --loss-type dpo|orpo (see mlx_lm_pref lora --help)",
+            "  lora   mlx_lm.lora with --loss-type dpo|orpo (see mlx_lm_pref lora --help)\n"
+            "  demo   DPO/ORPO end to end on a built-in tiny model (see mlx_lm_pref demo --help)",
             file=sys.stderr,
         )
         sys.exit(2)
     command = sys.argv.pop(1)
     sys.argv[0] = f"mlx_lm_pref {command}"
-    {"lora": lora}[command]()
+    {
+        "lora": lora,
+        # Imported on use, like lora's mlx_lm.lora.
+        "demo": lambda: __import__("mlx_lm_pref.demo", fromlist=["main"]).main(),
+    }[command]()

@@ -1,63 +1,274 @@
 """The preference options: one dataclass, the single source for CLI flags and YAML keys.
 
 Each field becomes ``--field-name`` on ``mlx_lm.lora``'s parser and ``field_name`` in its
-``CONFIG_DEFAULTS`` (so a YAML config may set it). ``choices`` in the metadata are checked for
-both paths in ``__post_init__``, because YAML values never pass through argparse.
+``CONFIG_DEFAULTS`` (so a YAML config may set it). Names and defaults are TRL 1.16's
+(``DPOConfig``, ``ORPOConfig``, ``CPOConfig``). Values are checked in ``__post_init__`` for
+both paths, because YAML values never pass through argparse.
+
+``loss_type`` picks the trainer and, for DPO, TRL's loss names:
+- ``sft`` (default): mlx-lm's own SFT loss, untouched;
+- ``dpo`` (= ``sigmoid``) or any TRL DPO loss name, or a list of them combined with
+  ``loss_weights`` (RPO = ``[sigmoid, sft]``); inside a list ``sft`` is TRL's DPO ``sft`` term;
+- ``orpo``; ``cpo`` (with ``cpo_loss_type``), ``simpo`` and ``alphapo`` (TRL's CPO sugar).
 """
 
 import argparse
+import json
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Optional, Tuple
 
-LOSS_TYPES = ("sft", "dpo", "orpo")
-REFERENCES = ("adapters_off",)
+DPO_LOSSES = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+    "cdpo",
+)
+LOSS_TYPES = ("sft", "dpo", "orpo", "cpo", "simpo", "alphapo")
+LOSS_TYPES += tuple(n for n in DPO_LOSSES if n != "sft")
+CPO_LOSSES = ("sigmoid", "hinge", "ipo", "simpo")
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# TRL: the f-DPO reparameterisation only cancels log Z in a chosen-minus-rejected difference.
+F_DIVERGENCE_LOSSES = {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust"}
+F_DIVERGENCE_LOSSES |= {"discopop", "sft", "cdpo"}
+REFERENCES = ("auto", "adapters_off", "initial_adapter", "none")
+TRUNCATION_MODES = ("keep_start", "keep_end")
+
+
+class ConfigError(ValueError):
+    """A preference option, or a combination of options, that cannot be trained as asked."""
+
+
+def _names(value) -> Tuple[str, ...]:
+    if isinstance(value, str):
+        value = value.split(",")
+    return tuple(str(v).strip() for v in value)
+
+
+def _floats(value) -> Tuple[float, ...]:
+    if isinstance(value, str):
+        value = value.split(",")
+    return tuple(float(v) for v in value)
 
 
 @dataclass(frozen=True)
 class PreferenceArgs:
-    loss_type: str = field(
-        default="sft",
+    loss_type: Tuple[str, ...] = field(
+        default=("sft",),
         metadata={
-            "help": "Training objective. 'sft' is mlx-lm's own loss, untouched; 'dpo' and "
-            "'orpo' train on preference rows (prompt, chosen, rejected).",
-            "choices": LOSS_TYPES,
+            "help": "sft (mlx-lm's own loss, untouched), dpo (= sigmoid) or any TRL DPO loss "
+            f"({', '.join(DPO_LOSSES)}), a comma-separated list of DPO losses combined "
+            "with --loss-weights, orpo, cpo, simpo or alphapo.",
+            "parse": _names,
         },
     )
     beta: float = field(
         default=0.1,
         metadata={
-            "help": "DPO: strength of the KL penalty to the reference. ORPO: weight of the "
-            "odds-ratio term (TRL's beta, lambda in the ORPO paper)."
+            "help": "DPO: KL-penalty strength (IPO's tau). ORPO: weight of the odds-ratio "
+            "term. CPO/SimPO: inverse temperature."
+        },
+    )
+    loss_weights: Optional[Tuple[float, ...]] = field(
+        default=None,
+        metadata={
+            "help": "Weights of the DPO losses in --loss-type, comma-separated (1 each).",
+            "parse": _floats,
+        },
+    )
+    label_smoothing: float = field(
+        default=0.0,
+        metadata={
+            "help": "Label noise epsilon for robust, exo_pair, aot, aot_unpaired, cdpo and "
+            "CPO/SimPO (TRL's sigmoid DPO ignores it; cdpo is TRL 0.x's smoothed sigmoid)."
+        },
+    )
+    f_divergence_type: str = field(
+        default="reverse_kl",
+        metadata={
+            "help": "f-DPO divergence (Wang et al. 2023) applied to the DPO log-ratios.",
+            "choices": F_DIVERGENCES,
+        },
+    )
+    f_alpha_divergence_coef: float = field(
+        default=0.5,
+        metadata={"help": "alpha for f_divergence_type alpha_divergence."},
+    )
+    ld_alpha: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "LD-DPO: weight in [0, 1] of the completion tokens past the shorter "
+            "completion's length, for policy and reference (unset: standard DPO)."
+        },
+    )
+    use_weighting: bool = field(
+        default=False,
+        metadata={"help": "WPO: weight each pair by its policy probability (DPO)."},
+    )
+    discopop_tau: float = field(
+        default=0.05,
+        metadata={"help": "Temperature of the discopop loss's mixing coefficient."},
+    )
+    rpo_alpha: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "RPO convenience (TRL 0.x): adds TRL's DPO 'sft' term with this weight, "
+            "i.e. loss_type [..., sft] with loss_weights [..., rpo_alpha]."
+        },
+    )
+    cpo_loss_type: str = field(
+        default="sigmoid",
+        metadata={
+            "help": "Loss of --loss-type cpo (TRL CPOConfig.loss_type).",
+            "choices": CPO_LOSSES,
+        },
+    )
+    cpo_alpha: float = field(
+        default=1.0,
+        metadata={
+            "help": "CPO/SimPO: weight of the NLL (behaviour cloning) term on chosen "
+            "completions; 0 gives pure SimPO."
+        },
+    )
+    simpo_gamma: float = field(
+        default=0.5,
+        metadata={"help": "SimPO target reward margin gamma."},
+    )
+    alpha: float = field(
+        default=0.0,
+        metadata={
+            "help": "CPO/SimPO reward shape (AlphaPO): r = (1 - p^-alpha) / alpha; 0 uses "
+            "log-probs."
+        },
+    )
+    truncation_mode: str = field(
+        default="keep_start",
+        metadata={
+            "help": "Which end of a pair longer than max_seq_length is kept (DPO).",
+            "choices": TRUNCATION_MODES,
         },
     )
     reference: str = field(
-        default="adapters_off",
+        default="auto",
         metadata={
-            "help": "How DPO obtains the reference model. 'adapters_off': the same model "
-            "with every LoRA scale set to 0 (the base model), no extra memory.",
+            "help": "The DPO reference model. adapters_off: the base model (LoRA scales set "
+            "to 0 for the reference pass, no extra memory). initial_adapter: the adapter as "
+            "it was when training started (DPO after SFT with --resume-adapter-file; only "
+            "the adapter tensors are kept). none: reference log-probs are 0 (TRL 0.x "
+            "reference_free). auto: initial_adapter when training starts from trained "
+            "adapter weights, else adapters_off.",
             "choices": REFERENCES,
         },
     )
 
     def __post_init__(self):
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        set_("loss_type", _names(self.loss_type))
+        if self.loss_weights is not None:
+            set_("loss_weights", _floats(self.loss_weights))
         for f in fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
             if choices and value not in choices:
-                raise ValueError(
+                raise ConfigError(
                     f"Unknown {f.name} {value!r}. Valid values: {', '.join(choices)}."
                 )
+        for name in self.loss_type:
+            if name not in LOSS_TYPES:
+                raise ConfigError(
+                    f"Unknown loss_type {name!r}. Valid values: {', '.join(LOSS_TYPES)}."
+                )
+        self._normalise(set_)
+        self._validate()
+
+    def _normalise(self, set_):
+        """Fold TRL's sugar into the canonical form (idempotent)."""
+        names = tuple("sigmoid" if n == "dpo" else n for n in self.loss_type)
+        if names == ("simpo",) or names == ("alphapo",):
+            set_("cpo_loss_type", "simpo")
+            if names == ("alphapo",):  # TRL CPOConfig: alphapo = simpo with cpo_alpha 0
+                set_("cpo_alpha", 0.0)
+            names = ("cpo",)
+        if self.rpo_alpha is not None:
+            if set(names) & {"orpo", "cpo"} or names == ("sft",):
+                raise ConfigError("rpo_alpha applies to DPO loss types only.")
+            weights = self.loss_weights or (1.0,) * len(names)
+            names, weights = names + ("sft",), weights + (float(self.rpo_alpha),)
+            set_("loss_weights", weights)
+            set_("rpo_alpha", None)
+        set_("loss_type", names)
+
+    def _validate(self):
+        names, method = self.loss_type, self.method
+        if method in ("orpo", "cpo") and len(names) > 1:
+            raise ConfigError(f"loss_type {method} cannot be combined with {names}.")
         if not self.beta > 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}.")
+            raise ConfigError(f"beta must be > 0, got {self.beta}.")
+        if self.loss_weights is not None and len(self.loss_weights) != len(names):
+            raise ConfigError(
+                f"loss_weights has {len(self.loss_weights)} values for {len(names)} loss "
+                f"types {list(names)}: give one weight per loss type."
+            )
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(
+                f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}."
+            )
+        if "exo_pair" in names and self.label_smoothing == 0.0:
+            raise ConfigError(
+                "loss_type exo_pair needs label_smoothing > 0 (its log(epsilon) term is "
+                "-inf at 0); the EXO paper uses 1e-3."
+            )
+        if (
+            self.f_divergence_type != "reverse_kl"
+            and not set(names) <= F_DIVERGENCE_LOSSES
+        ):
+            raise ConfigError(
+                f"f_divergence_type {self.f_divergence_type} is only defined for "
+                f"{sorted(F_DIVERGENCE_LOSSES)}; got {list(names)}. Use reverse_kl."
+            )
+        if self.use_weighting and set(names) & {"aot", "aot_unpaired"}:
+            raise ConfigError(
+                "use_weighting (WPO) cannot be combined with aot/aot_unpaired: those losses "
+                "sort pairs within the batch, which would misalign the per-pair weights."
+            )
+        if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
+            raise ConfigError(f"ld_alpha must be in [0, 1], got {self.ld_alpha}.")
+        if self.cpo_alpha < 0:
+            raise ConfigError(f"cpo_alpha must be >= 0, got {self.cpo_alpha}.")
+
+    @property
+    def method(self) -> str:
+        """'sft' (mlx-lm's own), 'dpo', 'orpo' or 'cpo'."""
+        if self.loss_type == ("sft",):
+            return "sft"
+        if self.loss_type[0] in ("orpo", "cpo"):
+            return self.loss_type[0]
+        return "dpo"
 
     @property
     def is_preference(self) -> bool:
-        return self.loss_type != "sft"
+        return self.method != "sft"
 
     @property
     def needs_reference(self) -> bool:
-        return self.loss_type == "dpo"
+        return self.method == "dpo"
+
+    @property
+    def weights(self) -> Tuple[float, ...]:
+        return self.loss_weights or (1.0,) * len(self.loss_type)
 
     @classmethod
     def from_namespace(cls, ns) -> "PreferenceArgs":
@@ -65,36 +276,61 @@ class PreferenceArgs:
         values = {}
         for f in fields(cls):
             v = getattr(ns, f.name, None)
-            if v is not None:
-                values[f.name] = f.type(v) if f.type is float else v
+            if v is None:
+                continue
+            if f.type in (float, Optional[float]):
+                v = float(v)
+            values[f.name] = v
         return cls(**values)
 
-    def as_constants(self) -> tuple:
-        """The options as a tuple of str/float, the only non-array leaves mx.compile accepts.
+    def as_constants(self) -> str:
+        """The options as one string, a leaf mx.compile accepts as a constant.
 
-        Preference batches carry this tuple, so the loss knows how to score a batch without
-        any global state; ``PreferenceArgs(*t)`` reads it back.
+        Preference batches carry it, so the loss knows how to score a batch without any
+        global state; ``PreferenceArgs.from_constants`` reads it back.
         """
-        return tuple(asdict(self).values())
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_constants(cls, constants: str) -> "PreferenceArgs":
+        return cls(**json.loads(constants))
+
+    def replace(self, **changes) -> "PreferenceArgs":
+        return replace(self, **changes)
 
 
 def config_defaults() -> dict:
     """The entries mlx_lm.lora's CONFIG_DEFAULTS gains."""
-    return {
-        f.name: f.default for f in fields(PreferenceArgs) if f.default is not MISSING
-    }
+
+    def plain(value):  # as a user would write it in YAML
+        return ",".join(value) if isinstance(value, tuple) else value
+
+    return {f.name: plain(f.default) for f in fields(PreferenceArgs)}
+
+
+def _cli_type(f):
+    if "parse" in f.metadata:
+        return str
+    if f.type is bool:
+        return lambda s: {"true": True, "false": False, "1": True, "0": False}[
+            s.lower()
+        ]
+    return float if f.type in (float, Optional[float]) else str
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one flag per option. Defaults stay None so a YAML value can fill them in."""
     group = parser.add_argument_group("preference tuning (mlx_lm_pref)")
     for f in fields(PreferenceArgs):
+        default = f.default
+        if isinstance(default, tuple):
+            default = ",".join(map(str, default))
         group.add_argument(
             "--" + f.name.replace("_", "-"),
-            type=f.type if f.type in (int, float) else str,
+            type=_cli_type(f),
             choices=f.metadata.get("choices"),
             default=None,
-            help=f"{f.metadata['help']} Default: {f.default}.",
+            help=f"{f.metadata['help']} Default: {default}.",
         )
 
 

@@ -1,18 +1,39 @@
-"""Preference rows -> token ids, with TRL 1.x's semantics.
+"""Preference rows -> token ids, with TRL 1.16's semantics for each trainer.
 
 A row is ``{"prompt", "chosen", "rejected"}`` (``prompt`` may be left out: the shared prefix of
 chosen and rejected is the prompt), either *standard* (strings) or *conversational* (lists of
 ``{"role", "content"}`` messages). Optional per-row ``tools`` and ``chat_template_kwargs`` go to
 the chat template.
 
-Tokenization (``DPOTrainer._prepare_dataset`` in TRL 1.16):
+``options.method`` picks the tokenization, because TRL's trainers disagree:
+
+DPO (``DPOTrainer._prepare_dataset`` and ``DataCollatorForPreference``):
 - standard: the EOS string is appended to each completion unless already there; prompt and
   prompt+completion are tokenized with the tokenizer's special tokens (a BOS tokenizer puts BOS
   first, exactly once);
-- conversational: the chat template renders the prompt with the generation prompt, and
+- conversational: the chat template tokenizes the prompt with the generation prompt, and
   prompt+completion without it; no EOS is added (the template's end-of-turn is the end);
 - the completion starts where the token streams of prompt and prompt+completion diverge (the
-  minimum over chosen and rejected), which is not always ``len(prompt_ids)``.
+  minimum over chosen and rejected), which is not always ``len(prompt_ids)``;
+- ``truncation_mode`` keep_start keeps the first ``max_seq_length`` tokens of each sequence and
+  drops (and counts) the pairs whose prompt alone fills the window; keep_end keeps the last
+  ``max_seq_length`` tokens of each sequence, the completion start moving left with the cut
+  (so chosen and rejected may then start at different positions), and drops nothing.
+
+ORPO and CPO (``tokenize_row``/``build_tokenized_answer`` of ``trl.experimental.orpo`` and
+``trl.experimental.cpo``, which are identical):
+- conversational rows are first rendered to text by the chat template (as TRL's
+  ``maybe_apply_chat_template``: the prompt with the generation prompt, or continuing a final
+  assistant message, cut back to the characters it shares with both rendered conversations);
+- prompt and prompt+answer are tokenized without special tokens; the answer starts at
+  ``len(prompt_ids)``, one earlier when the prompt's last token merged into the answer; each
+  side keeps its own start;
+- BOS is prepended when the tokenizer has a ``bos_token_id`` and the sequence does not already
+  start with it; the EOS id is appended when the last token is not EOS (so a ChatML template
+  ends in ``<|im_end|>\\n`` + EOS);
+- only the answer is truncated, to ``max_seq_length - len(prompt)``. TRL keeps a pair whose
+  prompt alone fills the window (its completion is empty and its loss NaN); here such pairs are
+  dropped and counted, as for DPO.
 
 Every row is checked before anything is tokenized; a bad row raises ``DataError`` naming the
 source (file), the line and the field.
@@ -32,12 +53,20 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Pair:
-    """One tokenized pair. ``chosen``/``rejected`` are whole sequences (prompt included);
-    the completion is ``[prompt_length, len)`` of each."""
+    """One tokenized pair. ``chosen``/``rejected`` are whole sequences (prompt included); the
+    completions are ``chosen[chosen_start:]`` and ``rejected[rejected_start:]``.
+
+    ``rejected_start`` defaults to ``chosen_start`` (DPO pairs always share it).
+    """
 
     chosen: List[int]
     rejected: List[int]
-    prompt_length: int
+    chosen_start: int
+    rejected_start: Optional[int] = None
+
+    def __post_init__(self):
+        if self.rejected_start is None:
+            object.__setattr__(self, "rejected_start", self.chosen_start)
 
     def __len__(self):
         return max(len(self.chosen), len(self.rejected))
@@ -144,7 +173,7 @@ def _check_field(value, name: str, conversational: bool, where: str, allow_empty
         raise DataError(f"{where}: field '{name}' is empty.")
 
 
-def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix_length(a: Sequence, b: Sequence) -> int:
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -153,51 +182,180 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def _encode_text(tokenizer, text: str) -> List[int]:
-    return list(tokenizer.encode(text))
+def _hf(tokenizer):
+    """The Hugging Face tokenizer behind mlx-lm's ``TokenizerWrapper`` (TRL calls it directly;
+    the wrapper's ``apply_chat_template`` adds a thinking flag of its own)."""
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-
-def _encode_messages(
-    tokenizer, messages, tools, template_kwargs, **kwargs
-) -> List[int]:
-    ids = tokenizer.apply_chat_template(
-        messages,
-        tools=tools,
-        tokenize=True,
-        return_dict=False,
-        **kwargs,
-        **template_kwargs,
+    return (
+        tokenizer._tokenizer if isinstance(tokenizer, TokenizerWrapper) else tokenizer
     )
-    return list(ids)
 
 
-def tokenize_pair(tokenizer, prompt, chosen, rejected, conversational, row) -> Pair:
-    if conversational:
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise DataError(
-                "conversational rows need a tokenizer with a chat template, and this "
-                "tokenizer has none."
-            )
-        tools = row.get("tools")
-        tools = json.loads(tools) if isinstance(tools, str) else tools
-        kwargs = row.get("chat_template_kwargs") or {}
-        prompt_ids = _encode_messages(
-            tokenizer, prompt, tools, kwargs, add_generation_prompt=True
-        )
-        chosen_ids = _encode_messages(tokenizer, prompt + chosen, tools, kwargs)
-        rejected_ids = _encode_messages(tokenizer, prompt + rejected, tools, kwargs)
+def _template_args(tokenizer, row) -> tuple:
+    """``(apply_chat_template, tools, chat_template_kwargs)`` for a conversational row."""
+    hf = _hf(tokenizer)
+    if getattr(hf, "chat_template", None) is not None:
+        apply = hf.apply_chat_template
+    elif (
+        getattr(tokenizer, "_chat_template", None) is not None
+    ):  # mlx-lm's own template
+        apply = tokenizer.apply_chat_template
     else:
-        eos = tokenizer.eos_token
+        raise DataError(
+            "conversational rows need a tokenizer with a chat template, and this "
+            "tokenizer has none."
+        )
+    tools = row.get("tools")
+    tools = json.loads(tools) if isinstance(tools, str) else tools
+    return apply, tools, row.get("chat_template_kwargs") or {}
+
+
+def _ids(encoded) -> List[int]:
+    if isinstance(encoded, dict) or hasattr(encoded, "keys"):
+        encoded = encoded["input_ids"]
+    return list(encoded)
+
+
+def tokenize_dpo(tokenizer, prompt, chosen, rejected, conversational, row) -> Pair:
+    """TRL 1.16 ``DPOTrainer._prepare_dataset``'s tokenization (no truncation)."""
+    hf = _hf(tokenizer)
+    if conversational:
+        apply, tools, kwargs = _template_args(tokenizer, row)
+
+        def encode(messages, **extra):
+            return _ids(
+                apply(
+                    messages,
+                    tools=tools,
+                    tokenize=True,
+                    return_dict=False,
+                    **extra,
+                    **kwargs,
+                )
+            )
+
+        prompt_ids = encode(prompt, add_generation_prompt=True)
+        chosen_ids = encode(prompt + chosen)
+        rejected_ids = encode(prompt + rejected)
+    else:
+        eos = hf.eos_token
         chosen = chosen if chosen.endswith(eos) else chosen + eos
         rejected = rejected if rejected.endswith(eos) else rejected + eos
-        prompt_ids = _encode_text(tokenizer, prompt)
-        chosen_ids = _encode_text(tokenizer, prompt + chosen)
-        rejected_ids = _encode_text(tokenizer, prompt + rejected)
-    prompt_length = min(
+        prompt_ids = _ids(hf(prompt))
+        chosen_ids = _ids(hf(prompt + chosen))
+        rejected_ids = _ids(hf(prompt + rejected))
+    start = min(
         common_prefix_length(prompt_ids, chosen_ids),
         common_prefix_length(prompt_ids, rejected_ids),
     )
-    return Pair(chosen_ids, rejected_ids, prompt_length)
+    return Pair(chosen_ids, rejected_ids, start, start)
+
+
+def render_conversation(tokenizer, prompt, chosen, rejected, row) -> tuple:
+    """TRL's ``maybe_apply_chat_template`` on a preference row: ``(prompt, chosen, rejected)``
+    as text. The prompt ends with the generation prompt (last message from user or tool) or
+    continues the final assistant message, and is cut back to the characters it shares with
+    both rendered conversations."""
+    apply, tools, kwargs = _template_args(tokenizer, row)
+    tools = tools or None  # as TRL: some templates render tool boilerplate for tools=[]
+    last_role = prompt[-1]["role"]
+    if last_role in ("user", "tool"):
+        generation = dict(add_generation_prompt=True, continue_final_message=False)
+    elif last_role == "assistant":
+        generation = dict(add_generation_prompt=False, continue_final_message=True)
+    else:
+        raise DataError(
+            f"the prompt's last message has role {last_role!r}; ORPO/CPO need it to be "
+            "'user', 'tool' or 'assistant' (as TRL's maybe_apply_chat_template)."
+        )
+    text = apply(prompt, tools=tools, tokenize=False, **generation, **kwargs)
+    prompt_chosen = apply(prompt + chosen, tools=tools, tokenize=False, **kwargs)
+    prompt_rejected = apply(prompt + rejected, tools=tools, tokenize=False, **kwargs)
+    text = text[: common_prefix_length(text, prompt_chosen)]
+    text = text[: common_prefix_length(text, prompt_rejected)]
+    return text, prompt_chosen[len(text) :], prompt_rejected[len(text) :]
+
+
+def tokenize_orpo(tokenizer, prompt, chosen, rejected, conversational, row) -> Pair:
+    """TRL 1.16 ORPO/CPO ``tokenize_row`` (decoder-only), without the truncation."""
+    hf = _hf(tokenizer)
+    if conversational:
+        prompt, chosen, rejected = render_conversation(
+            tokenizer, prompt, chosen, rejected, row
+        )
+
+    def encode(text):
+        return _ids(hf(text, add_special_tokens=False))
+
+    prompt_ids = encode(prompt)
+    sides = []
+    for answer in (chosen, rejected):
+        full = encode(prompt + answer)
+        if len(prompt_ids) > len(full):
+            raise DataError(
+                "the tokenized prompt is longer than the tokenized prompt+answer "
+                "(TRL: 'Prompt input ids and answer input ids should have the same length')."
+            )
+        # build_tokenized_answer: the prompt's last token may merge into the answer
+        start = len(prompt_ids) - (prompt_ids != full[: len(prompt_ids)])
+        sides.append((full, start))
+    (chosen_ids, chosen_start), (rejected_ids, rejected_start) = sides
+    differing = sum(
+        a != b for a, b in zip(chosen_ids[:chosen_start], rejected_ids[:rejected_start])
+    )
+    if differing > 1 or abs(chosen_start - rejected_start) > 1:
+        raise DataError(
+            "chosen and rejected tokenize the prompt differently beyond its last token "
+            "(TRL refuses such rows)."
+        )
+    bos, eos = hf.bos_token_id, hf.eos_token_id
+    out = []
+    for ids, start in sides:
+        ids = list(ids)
+        if bos is not None and (start == 0 or ids[0] != bos):  # add_bos_token_if_needed
+            ids, start = [bos] + ids, start + 1
+        if len(ids) == start or ids[-1] != eos:  # add_eos_token_if_needed
+            ids = ids + [eos]
+        out.append((ids, start))
+    return Pair(out[0][0], out[1][0], out[0][1], out[1][1])
+
+
+def truncate(pair: Pair, max_length: int, method: str, truncation_mode: str):
+    """``pair`` cut to ``max_length`` tokens per sequence as TRL does, or None when TRL's
+    rule leaves a side with no completion token (the pair is then dropped)."""
+    if method in ("orpo", "cpo"):
+        # tokenize_row: the prompt is never cut, the answer to max_length - len(prompt)
+        if max(pair.chosen_start, pair.rejected_start) >= max_length:
+            return None
+        return Pair(
+            pair.chosen[: max(pair.chosen_start, max_length)],
+            pair.rejected[: max(pair.rejected_start, max_length)],
+            pair.chosen_start,
+            pair.rejected_start,
+        )
+    if truncation_mode == "keep_end":
+        # DataCollatorForPreference: ids[-max_length:] and the completion mask with them
+        sides = []
+        for ids, start in (
+            (pair.chosen, pair.chosen_start),
+            (pair.rejected, pair.rejected_start),
+        ):
+            cut = max(0, len(ids) - max_length)
+            sides.append((ids[cut:], max(0, start - cut)))
+        return Pair(sides[0][0], sides[1][0], sides[0][1], sides[1][1])
+    # keep_start: a prompt that fills the window leaves no completion token to learn from
+    if pair.chosen_start >= max_length:
+        return None
+    return Pair(
+        pair.chosen[:max_length],
+        pair.rejected[:max_length],
+        pair.chosen_start,
+        pair.rejected_start,
+    )
+
+
+TOKENIZERS = {"dpo": tokenize_dpo, "orpo": tokenize_orpo, "cpo": tokenize_orpo}
 
 
 class PreferenceDataset:
@@ -205,7 +363,7 @@ class PreferenceDataset:
 
     ``dataset[i]`` is a ``Pair`` and ``process`` is the identity, so mlx-lm's ``CacheDataset``
     can wrap it like any other dataset. ``options`` travel with the data: the batches carry
-    them to the loss.
+    them to the loss. Pairs keep the order of the rows (less the dropped ones).
     """
 
     def __init__(
@@ -219,6 +377,12 @@ class PreferenceDataset:
     ):
         self.options = options
         self.source = source
+        method = options.method
+        if method not in TOKENIZERS:
+            raise ValueError(
+                f"loss_type {options.loss_type} does not train on preference pairs."
+            )
+        tokenize = TOKENIZERS[method]
         checked = []
         for i, row in enumerate(rows):
             where = f"{source}:{lines[i] if lines else i + 1}"
@@ -227,22 +391,16 @@ class PreferenceDataset:
         self.dropped = 0
         for where, row, (prompt, chosen, rejected, conversational) in checked:
             try:
-                pair = tokenize_pair(
+                pair = tokenize(
                     tokenizer, prompt, chosen, rejected, conversational, row
                 )
             except DataError as e:
                 raise DataError(f"{where}: {e}") from None
             if max_seq_length is not None:
-                # TRL's keep_start truncation: a prompt that fills the window leaves no
-                # completion token to learn from, so the row is dropped (and counted).
-                if pair.prompt_length >= max_seq_length:
+                pair = truncate(pair, max_seq_length, method, options.truncation_mode)
+                if pair is None:
                     self.dropped += 1
                     continue
-                pair = Pair(
-                    pair.chosen[:max_seq_length],
-                    pair.rejected[:max_seq_length],
-                    pair.prompt_length,
-                )
             self._pairs.append(pair)
         if self.dropped:
             print(

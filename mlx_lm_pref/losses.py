@@ -1,40 +1,218 @@
 """Preference losses as pure functions of per-sequence log-probs.
 
-Every input is a (B,) float32 array, one entry per pair; every function returns per-pair
-arrays so the caller decides how to reduce. Names and formulas follow TRL 1.16
-(``trl/trainer/dpo_trainer.py``, ``trl/experimental/orpo/orpo_trainer.py``).
+Every per-pair input is a (B,) float32 array; every loss returns (B,) per-pair values so the
+caller decides how to reduce. Names and formulas are TRL 1.16's
+(``trl/trainer/dpo_trainer.py`` ``_compute_loss``, ``trl/experimental/orpo``,
+``trl/experimental/cpo``); each function cites its paper.
 """
 
 import math
+from dataclasses import dataclass
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 
+log_sigmoid = nn.log_sigmoid
 
-def dpo_sigmoid(
-    policy_chosen: mx.array,
-    policy_rejected: mx.array,
-    ref_chosen: mx.array,
-    ref_rejected: mx.array,
-    beta: float,
-) -> tuple:
-    """DPO, Rafailov et al. 2023, eq. 7.
 
-    loss = -log sigma(beta * ((lp_pi(c) - lp_ref(c)) - (lp_pi(r) - lp_ref(r))))
+@dataclass
+class DPOTerms:
+    """What the DPO losses are functions of, for one batch of B pairs (all (B,) float32).
 
-    Args:
-        policy_chosen, policy_rejected: (B,) summed completion log-probs under the policy.
-        ref_chosen, ref_rejected: (B,) the same under the reference, gradient-free.
-        beta: KL-penalty strength.
-
-    Returns:
-        ``(losses, chosen_rewards, rejected_rewards)``, each (B,); rewards are
-        beta * (lp_pi - lp_ref), TRL's ``rewards/chosen`` and ``rewards/rejected``.
+    ``*_scores`` are the log-ratios after the f-divergence map (equal to the log-ratios for
+    reverse KL, standard DPO); ``*_lengths`` count completion tokens; ``sft_nll`` is the
+    token-mean NLL of all chosen completion tokens of the batch (a scalar).
     """
-    chosen_rewards = beta * (policy_chosen - ref_chosen)
-    rejected_rewards = beta * (policy_rejected - ref_rejected)
-    losses = -nn.log_sigmoid(chosen_rewards - rejected_rewards)
-    return losses, chosen_rewards, rejected_rewards
+
+    policy_chosen: mx.array
+    policy_rejected: mx.array
+    ref_chosen: mx.array
+    ref_rejected: mx.array
+    chosen_scores: mx.array
+    rejected_scores: mx.array
+    chosen_lengths: mx.array
+    rejected_lengths: mx.array
+    sft_nll: mx.array
+
+    @property
+    def chosen_logratios(self):
+        return self.policy_chosen - self.ref_chosen
+
+    @property
+    def rejected_logratios(self):
+        return self.policy_rejected - self.ref_rejected
+
+    @property
+    def delta(self):
+        return self.chosen_scores - self.rejected_scores
+
+
+def f_divergence_scores(logratios: mx.array, kind: str, alpha: float) -> mx.array:
+    """f'(pi/pi_ref) for f-DPO (Wang et al. 2023, table 1), as a function of log-ratios."""
+    if kind == "reverse_kl" or (kind == "alpha_divergence" and abs(alpha - 1) < 1e-6):
+        return logratios
+    if kind == "forward_kl":  # f'(t) = 1 - 1/t
+        return 1 - mx.exp(-logratios)
+    if kind == "js_divergence":  # f'(t) = log(2t / (t + 1))
+        return math.log(2) + log_sigmoid(logratios)
+    if kind == "alpha_divergence":  # f'(t) = (t^(a-1) - 1) / (a - 1)
+        t = mx.minimum((alpha - 1) * logratios, 80.0)  # as TRL: keep exp finite
+        return (mx.exp(t) - 1) / (alpha - 1)
+    raise ValueError(f"Unknown f_divergence_type {kind!r}.")
+
+
+def _smoothed_sigmoid(z, eps):
+    """-(1 - eps) log sigma(z) - eps log sigma(-z): conservative DPO (Mitchell 2023)."""
+    return -(1 - eps) * log_sigmoid(z) - eps * log_sigmoid(-z)
+
+
+# Each DPO loss: (terms, beta, eps, tau) -> (B,) per-pair loss.
+def sigmoid(t, beta, eps, tau):
+    """DPO, Rafailov et al. 2023, eq. 7 (TRL 1.x ignores label smoothing here)."""
+    return -log_sigmoid(beta * t.delta)
+
+
+def cdpo(t, beta, eps, tau):
+    """cDPO: sigmoid with label smoothing, as TRL 0.x and the original DPO code."""
+    return _smoothed_sigmoid(beta * t.delta, eps)
+
+
+def hinge(t, beta, eps, tau):
+    """SLiC-HF, Zhao et al. 2023."""
+    return mx.maximum(1 - beta * t.delta, 0.0)
+
+
+def ipo(t, beta, eps, tau):
+    """IPO, Azar et al. 2023, eq. 17, on per-token averaged scores (as TRL)."""
+    chosen = t.chosen_scores / mx.maximum(t.chosen_lengths, 1.0)
+    rejected = t.rejected_scores / mx.maximum(t.rejected_lengths, 1.0)
+    return (chosen - rejected - 1 / (2 * beta)) ** 2
+
+
+def exo_pair(t, beta, eps, tau):
+    """EXO, Ji et al. 2024, eq. 16: KL(p_f || p_rh) over {chosen, rejected}."""
+    z = beta * t.delta
+    return mx.sigmoid(z) * (log_sigmoid(z) - math.log1p(-eps)) + mx.sigmoid(-z) * (
+        log_sigmoid(-z) - math.log(eps)
+    )
+
+
+def nca_pair(t, beta, eps, tau):
+    """NCA, Chen et al. 2024."""
+    chosen, rejected = beta * t.chosen_logratios, beta * t.rejected_logratios
+    return (
+        -log_sigmoid(chosen) - 0.5 * log_sigmoid(-chosen) - 0.5 * log_sigmoid(-rejected)
+    )
+
+
+def robust(t, beta, eps, tau):
+    """Robust DPO, Chowdhury et al. 2024, eq. 10 (unbiased under label flips)."""
+    z = beta * t.delta
+    return (-(1 - eps) * log_sigmoid(z) + eps * log_sigmoid(-z)) / (1 - 2 * eps)
+
+
+def bco_pair(t, beta, eps, tau):
+    """BCO on pairs, Jung et al. 2024 (TRL's form, without the running reward shift)."""
+    return -log_sigmoid(beta * t.chosen_logratios) - log_sigmoid(
+        -beta * t.rejected_logratios
+    )
+
+
+def sppo_hard(t, beta, eps, tau):
+    """SPPO, Wu et al. 2024, eq. 4.7 with hard win probabilities 1 and 0."""
+    return (t.chosen_logratios - 0.5 / beta) ** 2 + (
+        t.rejected_logratios + 0.5 / beta
+    ) ** 2
+
+
+def aot(t, beta, eps, tau):
+    """AOT paired, Melnyk et al. 2024: sorted policy vs sorted reference log-ratios."""
+    d = mx.sort(t.policy_chosen - t.policy_rejected) - mx.sort(
+        t.ref_chosen - t.ref_rejected
+    )
+    return _smoothed_sigmoid(beta * d, eps)
+
+
+def aot_unpaired(t, beta, eps, tau):
+    """AOT unpaired, Melnyk et al. 2024: sorted chosen vs sorted rejected log-ratios."""
+    d = mx.sort(t.chosen_logratios) - mx.sort(t.rejected_logratios)
+    return _smoothed_sigmoid(beta * d, eps)
+
+
+def apo_zero(t, beta, eps, tau):
+    """APO-zero, D'Oosterlinck et al. 2024, eq. 7."""
+    return (1 - mx.sigmoid(beta * t.chosen_logratios)) + mx.sigmoid(
+        beta * t.rejected_logratios
+    )
+
+
+def apo_down(t, beta, eps, tau):
+    """APO-down, D'Oosterlinck et al. 2024, eq. 8."""
+    return mx.sigmoid(beta * t.chosen_logratios) + (
+        1 - mx.sigmoid(beta * (t.chosen_logratios - t.rejected_logratios))
+    )
+
+
+def discopop(t, beta, eps, tau):
+    """DiscoPOP, Chris Lu et al. 2024, eq. 5: log-ratio-modulated logistic/exponential."""
+    z = beta * t.delta
+    m = mx.sigmoid(z / tau)
+    return -log_sigmoid(z) * (1 - m) + mx.exp(-z) * m
+
+
+def sft(t, beta, eps, tau):
+    """The NLL of the chosen completions (RPO's term), the same value for every pair."""
+    return mx.broadcast_to(t.sft_nll, t.policy_chosen.shape)
+
+
+def sigmoid_norm(t, beta, eps, tau):
+    """Length-normalised sigmoid DPO: scores averaged per completion token."""
+    chosen = t.chosen_scores / mx.maximum(t.chosen_lengths, 1.0)
+    rejected = t.rejected_scores / mx.maximum(t.rejected_lengths, 1.0)
+    return -log_sigmoid(beta * (chosen - rejected))
+
+
+DPO_LOSSES = {
+    f.__name__: f
+    for f in (
+        sigmoid,
+        hinge,
+        ipo,
+        exo_pair,
+        nca_pair,
+        robust,
+        bco_pair,
+        sppo_hard,
+        aot,
+        aot_unpaired,
+        apo_zero,
+        apo_down,
+        discopop,
+        sft,
+        sigmoid_norm,
+        cdpo,
+    )
+}
+
+
+def dpo_loss(
+    terms: DPOTerms,
+    loss_types,
+    loss_weights,
+    beta: float,
+    label_smoothing: float = 0.0,
+    discopop_tau: float = 0.05,
+    pair_weights: Optional[mx.array] = None,
+) -> mx.array:
+    """TRL's combined DPO loss: sum_k w_k * mean_pairs(l_k * pair_weights)."""
+    total = mx.array(0.0)
+    for name, weight in zip(loss_types, loss_weights):
+        per_pair = DPO_LOSSES[name](terms, beta, label_smoothing, discopop_tau)
+        if pair_weights is not None:
+            per_pair = per_pair * pair_weights
+        total = total + weight * per_pair.mean()
+    return total
 
 
 def log1mexp(x: mx.array) -> mx.array:
@@ -67,4 +245,37 @@ def orpo_odds_ratio(
     log_odds = (chosen_logps - rejected_logps) - (
         log1mexp(chosen_logps) - log1mexp(rejected_logps)
     )
-    return -beta * nn.log_sigmoid(log_odds), log_odds
+    return -beta * log_sigmoid(log_odds), log_odds
+
+
+def alphapo_rewards(logps: mx.array, alpha: float) -> mx.array:
+    """AlphaPO, Gupta et al. 2025: r = (1 - p^-alpha) / alpha; log-probs when alpha = 0."""
+    if alpha == 0.0:
+        return logps
+    return (1 - mx.exp(-alpha * logps)) / alpha
+
+
+def cpo_losses(
+    chosen_rewards: mx.array,
+    rejected_rewards: mx.array,
+    loss_type: str,
+    beta: float,
+    label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.5,
+) -> mx.array:
+    """CPO (Xu et al. 2024, eq. 3) and SimPO (Meng et al. 2024, eq. 6) per-pair losses.
+
+    Args:
+        chosen_rewards, rejected_rewards: (B,) completion log-probs (summed for sigmoid and
+            hinge, averaged per token for ipo and simpo) or their AlphaPO transform.
+    """
+    z = chosen_rewards - rejected_rewards
+    if loss_type == "simpo":
+        return _smoothed_sigmoid(beta * (z - simpo_gamma / beta), label_smoothing)
+    if loss_type == "sigmoid":
+        return _smoothed_sigmoid(beta * z, label_smoothing)
+    if loss_type == "hinge":
+        return mx.maximum(1 - beta * z, 0.0)
+    if loss_type == "ipo":
+        return (z - 1 / (2 * beta)) ** 2
+    raise ValueError(f"Unknown cpo_loss_type {loss_type!r}.")

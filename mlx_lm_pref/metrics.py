@@ -43,12 +43,17 @@ class PreferenceReporter(TrainingCallback):
         self.names = names
         self.path = path
         self.inner = inner
+        self.trained_tokens = 0  # TRL's num_tokens: every real token trained on so far
 
     def _train_metrics(self) -> dict:
         sums = mx.distributed.all_sum(self.model._pref_train_sum, stream=mx.cpu)
         self.model._pref_train_sum = mx.zeros_like(self.model._pref_train_sum)
         sums = sums.tolist()
-        return {k: v / sums[-1] for k, v in zip(self.names, sums)}
+        metrics = {k: v / sums[-1] for k, v in zip(self.names, sums)}
+        if "num_tokens" in metrics:
+            self.trained_tokens += int(sums[self.names.index("num_tokens")])
+            metrics["num_tokens"] = float(self.trained_tokens)
+        return metrics
 
     def on_train_loss_report(self, train_info: dict):
         metrics = self._train_metrics()
@@ -59,7 +64,9 @@ class PreferenceReporter(TrainingCallback):
             self.inner.on_train_loss_report({**train_info, **metrics})
 
     def on_val_loss_report(self, val_info: dict):
-        metrics = getattr(val_info["val_loss"], "metrics", {})
+        metrics = dict(getattr(val_info["val_loss"], "metrics", {}))
+        if "num_tokens" in metrics:
+            metrics["num_tokens"] = float(self.trained_tokens)
         it = val_info["iteration"]
         print_metrics("val", metrics)
         append_metrics(self.path, "val", it, metrics)

@@ -9,14 +9,21 @@ returns, but not of the trainable parameters, so it is never trained or saved).
 """
 
 import mlx.core as mx
-import mlx.nn as nn
 
-from .config import PreferenceArgs
+from .config import ConfigError, PreferenceArgs
 from .logps import sequence_logps, span_mask, token_logps
-from .losses import dpo_sigmoid, orpo_odds_ratio
-from .reference import adapters_disabled
+from .losses import (
+    DPOTerms,
+    alphapo_rewards,
+    cpo_losses,
+    dpo_loss,
+    f_divergence_scores,
+    log_sigmoid,
+    orpo_odds_ratio,
+)
+from .reference import REFERENCE_CONTEXTS
 
-REWARD_METRICS = (
+REWARDS = (
     "loss",
     "rewards/chosen",
     "rewards/rejected",
@@ -24,15 +31,25 @@ REWARD_METRICS = (
     "rewards/margins",
     "logps/chosen",
     "logps/rejected",
+    "logits/chosen",
+    "logits/rejected",
 )
+# TRL 1.16's metric names per trainer. num_tokens is TRL's running count of trained tokens:
+# the reporter sums its per-step values, and evaluation reports the count so far.
 METRICS = {
-    "dpo": REWARD_METRICS,
-    "orpo": REWARD_METRICS + ("nll_loss", "log_odds_ratio", "log_odds_chosen"),
+    "dpo": REWARDS + ("entropy", "mean_token_accuracy", "num_tokens"),
+    "orpo": REWARDS + ("nll_loss", "log_odds_ratio", "log_odds_chosen"),
+    "cpo": REWARDS + ("nll_loss",),
 }
 
 
 def metric_names(options: PreferenceArgs) -> tuple:
-    return METRICS[options.loss_type]
+    return METRICS[options.method]
+
+
+def _masked_mean(values, mask):
+    mask = mask.astype(mx.float32)
+    return (values * mask).sum() / mx.maximum(mask.sum(), 1.0)
 
 
 def _reward_metrics(
@@ -49,44 +66,176 @@ def _reward_metrics(
     ]
 
 
-def dpo_objective(model, inputs, targets, completion, beta):
-    """DPO sigmoid on summed completion log-probs; reference = adapters off."""
-    sums, _ = sequence_logps(token_logps(model(inputs), targets), completion)
-    with adapters_disabled(model):
+def _mean_logits(logits, mask, B):
+    """logits/chosen and logits/rejected: the vocab-mean logit averaged over ``mask``."""
+    vocab_mean = logits.astype(mx.float32).mean(axis=-1)
+    return [
+        _masked_mean(vocab_mean[:B], mask[:B]),
+        _masked_mean(vocab_mean[B:], mask[B:]),
+    ]
+
+
+def _dpo_logps(logps, completion, ld_alpha):
+    """Summed completion log-probs; LD-DPO (Liu et al. 2024) scales the tokens past the
+    shorter completion of the pair by ``ld_alpha``."""
+    if ld_alpha is None:
+        return (logps * completion).sum(axis=-1)
+    B = logps.shape[0] // 2
+    position = mx.cumsum(completion.astype(mx.int32), axis=-1)
+    lengths = completion.sum(axis=-1)
+    shared = mx.minimum(lengths[:B], lengths[B:])
+    shared = mx.concatenate([shared, shared])[:, None]
+    head = completion & (position <= shared)
+    tail = completion & (position > shared)
+    return (logps * head).sum(axis=-1) + ld_alpha * (logps * tail).sum(axis=-1)
+
+
+def _reference_logps(model, inputs, targets, completion, o: PreferenceArgs):
+    """Per-sequence reference log-probs, gradient-free, from the same model."""
+    if o.reference == "none":
+        return mx.zeros((inputs.shape[0],))
+    # auto outside train() (a script scoring a batch itself) means the base model.
+    strategy = "adapters_off" if o.reference == "auto" else o.reference
+    with REFERENCE_CONTEXTS[strategy](model):
         ref_logits = mx.stop_gradient(model(inputs))
-    ref_sums, _ = sequence_logps(token_logps(ref_logits, targets), completion)
-    ref_sums = mx.stop_gradient(ref_sums)
-    B = sums.shape[0] // 2
-    losses, chosen_rewards, rejected_rewards = dpo_sigmoid(
-        sums[:B], sums[B:], ref_sums[:B], ref_sums[B:], beta
+    ref_logps = token_logps(ref_logits, targets)
+    return mx.stop_gradient(_dpo_logps(ref_logps, completion, o.ld_alpha))
+
+
+def _wpo_weights(logits, logps, completion, B):
+    """WPO, Zhou et al. 2024, eq. 2: exp of the mean aligned log-prob, chosen x rejected."""
+    logits = mx.stop_gradient(logits.astype(mx.float32))
+    lse = mx.logsumexp(logits, axis=-1)
+    log_sum_sq = mx.logsumexp(2 * logits, axis=-1) - 2 * lse
+    aligned, count = sequence_logps(mx.stop_gradient(logps) - log_sum_sq, completion)
+    weights = mx.exp(aligned / mx.maximum(count, 1.0))
+    return weights[:B] * weights[B:]
+
+
+def dpo_objective(model, inputs, targets, spans, o: PreferenceArgs):
+    """The DPO loss family (TRL's ``loss_type`` list) against the adapters-off reference."""
+    B = inputs.shape[0] // 2
+    if set(o.loss_type) & {"aot", "aot_unpaired"} and B < 2:
+        raise ConfigError(
+            "loss_type aot/aot_unpaired sorts log-ratios across the pairs of a batch, and "
+            "this batch holds 1 pair (per rank): use batch_size >= 2 pairs per rank."
+        )
+    completion = span_mask(spans, targets.shape[1])
+    logits = model(inputs)
+    logps = token_logps(logits, targets)
+    policy = _dpo_logps(logps, completion, o.ld_alpha)
+    ref = _reference_logps(model, inputs, targets, completion, o)
+    lengths = completion.sum(axis=-1).astype(mx.float32)
+    scores = f_divergence_scores(
+        policy - ref, o.f_divergence_type, o.f_alpha_divergence_coef
     )
-    loss = losses.mean()
+    terms = DPOTerms(
+        policy_chosen=policy[:B],
+        policy_rejected=policy[B:],
+        ref_chosen=ref[:B],
+        ref_rejected=ref[B:],
+        chosen_scores=scores[:B],
+        rejected_scores=scores[B:],
+        chosen_lengths=lengths[:B],
+        rejected_lengths=lengths[B:],
+        sft_nll=-_masked_mean(logps[:B], completion[:B]),
+    )
+    pair_weights = (
+        _wpo_weights(logits, logps, completion, B) if o.use_weighting else None
+    )
+    loss = dpo_loss(
+        terms,
+        o.loss_type,
+        o.weights,
+        o.beta,
+        o.label_smoothing,
+        o.discopop_tau,
+        pair_weights,
+    )
+    # TRL's rewards use the plain log-ratios whatever the loss or divergence.
+    chosen_rewards = o.beta * terms.chosen_logratios
+    rejected_rewards = o.beta * terms.rejected_logratios
     metrics = _reward_metrics(
-        loss, chosen_rewards, rejected_rewards, sums[:B], sums[B:]
+        loss, chosen_rewards, rejected_rewards, policy[:B], policy[B:]
     )
+    metrics += _mean_logits(mx.stop_gradient(logits), completion, B)
+    metrics += _dpo_token_metrics(mx.stop_gradient(logits), targets, completion, B)
+    metrics += [spans[:, 1].sum().astype(mx.float32)]
     return loss, metrics
 
 
-def orpo_objective(model, inputs, targets, completion, spans, beta):
+def _dpo_token_metrics(logits, targets, completion, B):
+    """entropy over every completion token, and the argmax accuracy on chosen ones."""
+    logits = logits.astype(mx.float32)
+    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    entropy = -(mx.exp(logp) * logp).sum(axis=-1)
+    top1 = (mx.argmax(logits[:B], axis=-1) == targets[:B]).astype(mx.float32)
+    return [_masked_mean(entropy, completion), _masked_mean(top1, completion[:B])]
+
+
+def _whole_sequence(spans, num_targets, B):
+    """The chosen rows from their first predicted token (index 1) to their end."""
+    return span_mask(
+        mx.concatenate([mx.ones_like(spans[:B, :1]), spans[:B, 1:]], 1), num_targets
+    )
+
+
+def orpo_objective(model, inputs, targets, spans, o: PreferenceArgs):
     """ORPO as TRL: NLL over the whole chosen sequence (prompt included, pads excluded) plus
     the odds-ratio term on mean completion log-probs."""
-    logps = token_logps(model(inputs), targets)
+    B = inputs.shape[0] // 2
+    completion = span_mask(spans, targets.shape[1])
+    logits = model(inputs)
+    logps = token_logps(logits, targets)
     sums, counts = sequence_logps(logps, completion)
     means = sums / mx.maximum(counts, 1.0)
-    B = sums.shape[0] // 2
-    whole = span_mask(
-        mx.concatenate([mx.ones_like(spans[:B, :1]), spans[:B, 1:]], 1),
-        targets.shape[1],
-    )
-    nll_sum, nll_count = sequence_logps(logps[:B], whole)
-    nll = -nll_sum.sum() / nll_count.sum()
-    or_losses, log_odds = orpo_odds_ratio(means[:B], means[B:], beta)
+    whole = _whole_sequence(spans, targets.shape[1], B)
+    nll = -_masked_mean(logps[:B], whole)
+    or_losses, log_odds = orpo_odds_ratio(means[:B], means[B:], o.beta)
     loss = nll + or_losses.mean()
     metrics = _reward_metrics(
-        loss, beta * means[:B], beta * means[B:], means[:B], means[B:]
+        loss, o.beta * means[:B], o.beta * means[B:], means[:B], means[B:]
     )
-    metrics += [nll, nn.log_sigmoid(log_odds).mean(), log_odds.mean()]
+    metrics += _mean_logits(
+        mx.stop_gradient(logits), _real_positions(spans, targets), B
+    )
+    metrics += [nll, log_sigmoid(log_odds).mean(), log_odds.mean()]
     return loss, metrics
+
+
+def _real_positions(spans, targets):
+    """Every input position of a row that holds a real token (not padding)."""
+    return mx.arange(targets.shape[1])[None] < (spans[:, 1:2] - 1)
+
+
+def cpo_objective(model, inputs, targets, spans, o: PreferenceArgs):
+    """CPO / SimPO / AlphaPO as TRL's CPOTrainer: reference-free, plus cpo_alpha x NLL on
+    the chosen completions."""
+    B = inputs.shape[0] // 2
+    completion = span_mask(spans, targets.shape[1])
+    logits = model(inputs)
+    logps = token_logps(logits, targets)
+    sums, counts = sequence_logps(logps, completion)
+    if o.cpo_loss_type in ("ipo", "simpo"):  # length-normalised (SimPO's eq. 4)
+        sums = sums / mx.maximum(counts, 1.0)
+    chosen = alphapo_rewards(sums[:B], o.alpha)
+    rejected = alphapo_rewards(sums[B:], o.alpha)
+    losses = cpo_losses(
+        chosen, rejected, o.cpo_loss_type, o.beta, o.label_smoothing, o.simpo_gamma
+    )
+    nll = -_masked_mean(logps[:B], completion[:B]) if o.cpo_alpha else mx.array(0.0)
+    loss = losses.mean() + o.cpo_alpha * nll
+    metrics = _reward_metrics(
+        loss, o.beta * chosen, o.beta * rejected, sums[:B], sums[B:]
+    )
+    metrics += _mean_logits(
+        mx.stop_gradient(logits), _real_positions(spans, targets), B
+    )
+    metrics += [nll]
+    return loss, metrics
+
+
+OBJECTIVES = {"dpo": dpo_objective, "orpo": orpo_objective, "cpo": cpo_objective}
 
 
 def preference_loss(model, tokens, spans, constants):
@@ -100,17 +249,9 @@ def preference_loss(model, tokens, spans, constants):
     Returns:
         ``(loss, ntoks)``: the scalar float32 loss and the number of real tokens in the batch.
     """
-    options = PreferenceArgs(*constants)
+    options = PreferenceArgs.from_constants(constants)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    completion = span_mask(spans, targets.shape[1])
-    if options.loss_type == "dpo":
-        loss, metrics = dpo_objective(model, inputs, targets, completion, options.beta)
-    elif options.loss_type == "orpo":
-        loss, metrics = orpo_objective(
-            model, inputs, targets, completion, spans, options.beta
-        )
-    else:
-        raise ValueError(f"No preference loss for loss_type {options.loss_type!r}.")
+    loss, metrics = OBJECTIVES[options.method](model, inputs, targets, spans, options)
     _publish(model, mx.stop_gradient(mx.stack(metrics)))
     return loss, spans[:, 1].sum()
 
@@ -156,33 +297,41 @@ def evaluate_preference(
     clear_cache_threshold: int = 0,
     progress_callback=None,
 ):
-    """mlx-lm's ``evaluate`` for preference data: per-pair means of every metric."""
-    from .batching import iterate_preference_batches, preference_dataset_of
+    """mlx-lm's ``evaluate`` for preference data, averaged as TRL's ``evaluate()``: each
+    metric is the mean of its per-batch values, the loss is weighted by pairs."""
+    from .batching import iterate_eval_batches, preference_dataset_of
 
     loss = loss or preference_loss
-    iterate_batches = iterate_batches or iterate_preference_batches
+    iterate_batches = iterate_batches or iterate_eval_batches
     names = metric_names(preference_dataset_of(dataset).options)
     model.eval()
     sums = mx.zeros((len(names),))
-    pairs = mx.array(0.0)
-    batches = iterate_batches(
+    loss_sum, pairs, batches = mx.array(0.0), mx.array(0.0), mx.array(0.0)
+    batch_iter = iterate_batches(
         dataset=dataset,
         batch_size=batch_size,
         max_seq_length=max_seq_length,
         comm_group=mx.distributed.init(),
     )
-    for n, batch in enumerate(batches):
+    for n, batch in enumerate(batch_iter):
         if n == num_batches:
             break
         loss(model, *batch)
         b = batch[0].shape[0] // 2
-        sums = sums + model._pref_metrics * b
-        pairs = pairs + b
-        mx.eval(sums, pairs)
+        sums = sums + model._pref_metrics
+        loss_sum = loss_sum + model._pref_metrics[0] * b
+        pairs, batches = pairs + b, batches + 1
+        mx.eval(sums, loss_sum, pairs, batches)
         if clear_cache_threshold and mx.get_cache_memory() > clear_cache_threshold:
             mx.clear_cache()
         if progress_callback is not None:
             progress_callback()
-    sums = mx.distributed.all_sum(sums, stream=mx.cpu)
-    pairs = mx.distributed.all_sum(pairs, stream=mx.cpu)
-    return EvalResult(dict(zip(names, (sums / pairs).tolist())))
+    totals = mx.distributed.all_sum(
+        mx.concatenate([sums, mx.stack([loss_sum, pairs, batches])]), stream=mx.cpu
+    ).tolist()
+    k = len(names)
+    metrics = {name: v / totals[k + 2] for name, v in zip(names, totals[:k])}
+    metrics["loss"] = totals[k] / totals[k + 1]
+    if "num_tokens" in metrics:  # a training count: the reporter fills it in
+        metrics["num_tokens"] = 0.0
+    return EvalResult(metrics)

@@ -1,5 +1,9 @@
 """The DPO reference model, without a second copy of the weights.
 
+Strategies (``reference`` option): ``adapters_off`` (the base model), ``initial_adapter`` (the
+adapter as it was at step 0, for DPO after SFT), ``none`` (reference log-probs 0, TRL 0.x's
+``reference_free``); ``auto`` picks per situation when training starts (``resolve_reference``).
+
 ``adapters_disabled(model)`` sets ``scale = 0`` on every adapter layer mlx-lm creates, so the
 same forward pass computes the base model; the previous scales come back in ``finally``.
 ``scale`` is a Python float read at trace time, so inside mlx-lm's compiled step the reference
@@ -17,6 +21,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.tuner.dora import DoRAEmbedding, DoRALinear
 from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear, LoRASwitchLinear
+
+from .config import ConfigError
 
 ADAPTER_LAYERS = (
     LoRALinear,
@@ -63,16 +69,72 @@ def adapters_disabled(model: nn.Module):
                 layer.m = m
 
 
+def _trained(layer) -> bool:
+    return bool(mx.any(layer.lora_b != 0).item())
+
+
+def resolve_reference(model: nn.Module, strategy: str) -> str:
+    """``auto``: the initial adapter when training starts from adapter weights that were
+    already trained (``--resume-adapter-file``: DPO after SFT), else the base model."""
+    if strategy != "auto":
+        return strategy
+    layers = adapter_layers(model)
+    return "initial_adapter" if any(_trained(l) for l in layers) else "adapters_off"
+
+
+def freeze_initial_adapter(model: nn.Module) -> None:
+    """Keep the adapter tensors of step 0 for the ``initial_adapter`` reference.
+
+    mlx arrays are immutable and the optimizer replaces them, so holding on to the current
+    ones is the snapshot: no copy, and the base weights are never duplicated.
+    """
+    for layer in adapter_layers(model):
+        layer._pref_initial = {k: layer[k] for k in ADAPTER_PARAMETERS if k in layer}
+
+
+def drop_initial_adapter(model: nn.Module) -> None:
+    for layer in adapter_layers(model):
+        layer.pop("_pref_initial", None)
+
+
+@contextmanager
+def initial_adapter(model: nn.Module):
+    """Run the enclosed forward passes with the step-0 adapter tensors swapped in."""
+    saved = []
+    try:
+        for layer in adapter_layers(model):
+            if "_pref_initial" not in layer:
+                raise ConfigError(
+                    "reference initial_adapter: no step-0 adapter was kept for this model "
+                    "(freeze_initial_adapter runs when training starts)."
+                )
+            current = {k: layer[k] for k in layer["_pref_initial"]}
+            saved.append((layer, current))
+            for k, v in layer["_pref_initial"].items():
+                layer[k] = mx.stop_gradient(v)
+        yield model
+    finally:
+        for layer, current in reversed(saved):
+            for k, v in current.items():
+                layer[k] = v
+
+
+REFERENCE_CONTEXTS = {
+    "adapters_off": adapters_disabled,
+    "initial_adapter": initial_adapter,
+}
+
+
 def check_reference(model: nn.Module, options) -> None:
-    """Refuse setups where switching adapters off would not give a fixed reference."""
-    if not options.needs_reference:
+    """Refuse setups where the chosen reference would be missing or would drift."""
+    if not options.needs_reference or options.reference not in REFERENCE_CONTEXTS:
         return
     if not adapter_layers(model):
-        raise ValueError(
+        raise ConfigError(
             f"loss_type {options.loss_type!r} uses the base model as its reference by "
             "switching the LoRA adapters off, but this model has no adapter layers "
-            "(full fine-tuning). Use --fine-tune-type lora (or dora), or a "
-            "reference-free loss: --loss-type orpo."
+            "(full fine-tuning). Use --fine-tune-type lora (or dora), "
+            "--reference none, or a reference-free loss: --loss-type orpo."
         )
     drifting = [
         name
@@ -81,7 +143,7 @@ def check_reference(model: nn.Module, options) -> None:
     ]
     if drifting:
         shown = ", ".join(drifting[:3]) + (" ..." if len(drifting) > 3 else "")
-        raise ValueError(
+        raise ConfigError(
             f"reference {options.reference!r} computes the reference by switching the "
             f"adapters off, but {len(drifting)} trainable parameters are not adapter "
             f"weights ({shown}); the reference would move with the policy. Freeze them "

@@ -8,7 +8,7 @@ import inspect
 from pathlib import Path
 
 from mlx_lm_pref.config import options_for
-from mlx_lm_pref.data import PreferenceDataset, is_preference_row, read_jsonl
+from mlx_lm_pref.data import DataError, PreferenceDataset, is_preference_row, read_jsonl
 
 from . import function_wrapper
 
@@ -23,7 +23,7 @@ def create_dataset(wrapped, instance, args, kwargs):
     options = options_for(config)
     if not options.is_preference:
         if len(data) and is_preference_row(data[0]):
-            raise ValueError(
+            raise DataError(
                 f"{_source(config)}: rows with 'chosen' and 'rejected' are preference pairs; "
                 "train on them with --loss-type dpo or orpo (YAML: loss_type: dpo)."
             )

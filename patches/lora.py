@@ -15,6 +15,7 @@ from mlx_lm.tuner.datasets import CacheDataset
 
 from mlx_lm_pref.batching import preference_dataset_of
 from mlx_lm_pref.config import (
+    ConfigError,
     PreferenceArgs,
     add_arguments,
     config_defaults,
@@ -42,7 +43,7 @@ def run(wrapped, instance, args, kwargs):
                 delattr(ns, name)
         return wrapped(*args, **kwargs)
     if options.needs_reference and getattr(ns, "fine_tune_type", "lora") == "full":
-        raise ValueError(
+        raise ConfigError(
             f"--loss-type {options.loss_type} with --fine-tune-type full: the reference "
             "(the base model) comes from switching LoRA adapters off, and full fine-tuning "
             "has none. Use --fine-tune-type lora (or dora), or the reference-free "
@@ -57,6 +58,10 @@ def evaluate_model(wrapped, instance, args, kwargs):
     ns, model, test_set = a["args"], a["model"], a["test_set"]
     if preference_dataset_of(test_set) is None:
         return wrapped(*args, **kwargs)
+    # Score as training did (its reference), else the base model as reference.
+    trained_with = getattr(model, "_pref_reference", None)
+    if trained_with and test_set.options.needs_reference:
+        test_set.options = test_set.options.replace(reference=trained_with)
     # Through the patched trainer.evaluate, the same path as validation during training.
     result = mlx_lm.tuner.trainer.evaluate(
         model=model,
@@ -65,6 +70,8 @@ def evaluate_model(wrapped, instance, args, kwargs):
         num_batches=ns.test_batches,
         max_seq_length=ns.max_seq_length,
     )
+    if "num_tokens" in result.metrics:  # TRL's count of tokens trained on so far
+        result.metrics["num_tokens"] = float(getattr(model, "_pref_trained_tokens", 0))
     rprint(f"Test {format_metrics(result.metrics)}")
     if ns.adapter_path:
         iteration = ns.iters if ns.train else 0

@@ -10,6 +10,8 @@ import inspect
 import sys
 from pathlib import Path
 
+import mlx.core as mx
+
 from mlx_lm_pref.batching import iterate_preference_batches, preference_dataset_of
 from mlx_lm_pref.metrics import METRICS_FILE, PreferenceReporter
 from mlx_lm_pref.objective import (
@@ -19,7 +21,11 @@ from mlx_lm_pref.objective import (
     metric_names,
     preference_loss,
 )
-from mlx_lm_pref.reference import check_reference
+from mlx_lm_pref.reference import (
+    check_reference,
+    freeze_initial_adapter,
+    resolve_reference,
+)
 
 from . import function_wrapper
 
@@ -66,8 +72,10 @@ def train(wrapped, instance, args, kwargs):
         raise ValueError(
             "The training set holds preference pairs but the validation set does not."
         )
-    model, options = a["model"], pairs.options
-    check_reference(model, options)
+    model, options = a["model"], _resolve(a["model"], pairs.options)
+    for dataset in (a["train_dataset"], a["val_dataset"]):
+        if dataset:  # the batches carry the options: both sets score the same way
+            preference_dataset_of(dataset).options = options
     metrics_path = Path(a["args"].adapter_file).parent / METRICS_FILE
     a["training_callback"] = PreferenceReporter(
         model, metric_names(options), metrics_path, inner=a["training_callback"]
@@ -77,12 +85,42 @@ def train(wrapped, instance, args, kwargs):
         return wrapped(*bound.args, **bound.kwargs)
     finally:
         clear_metric_state(model)
+        # What --test after training needs to score as training did (plain attributes,
+        # outside model.state): the reference in use and TRL's num_tokens.
+        model._pref_reference = options.reference
+        model._pref_trained_tokens = a["training_callback"].trained_tokens
+
+
+def _resolve(model, options):
+    """Pick the reference for this training run, check it, and say which it is."""
+    if not options.needs_reference:
+        return options
+    options = options.replace(reference=resolve_reference(model, options.reference))
+    check_reference(model, options)
+    if options.reference == "initial_adapter":
+        freeze_initial_adapter(model)
+    if mx.distributed.init().rank() == 0:
+        print(
+            f"[mlx_lm_pref] {options.method} reference: {REFERENCE_NAMES[options.reference]}"
+        )
+    return options
+
+
+REFERENCE_NAMES = {
+    "adapters_off": "adapters_off (the base model: LoRA scales set to 0)",
+    "initial_adapter": "initial_adapter (the adapter as loaded at step 0)",
+    "none": "none (reference log-probs are 0)",
+}
 
 
 def evaluate(wrapped, instance, args, kwargs):
     bound = _bind(wrapped, args, kwargs)
-    if preference_dataset_of(bound.arguments["dataset"]) is None:
+    a = bound.arguments
+    if preference_dataset_of(a["dataset"]) is None:
         return wrapped(*args, **kwargs)
+    if a["iterate_batches"] is sys.modules[TARGET].iterate_batches:
+        # Evaluation walks the pairs in file order, as TRL's evaluate() does.
+        a["iterate_batches"] = None
     return evaluate_preference(*bound.args, **bound.kwargs)
 
 

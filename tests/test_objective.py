@@ -1,9 +1,11 @@
-"""The DPO sigmoid and ORPO objectives against an independent numpy implementation of the
-formulas, on the same logits from a tiny Llama with a non-trivial LoRA adapter."""
+"""Every objective (the DPO loss family, ORPO, CPO/SimPO/AlphaPO) and every metric against an
+independent float64 numpy implementation written from TRL_SEMANTICS / the papers, on the
+same logits of a tiny Llama with a non-trivial LoRA adapter."""
 
 import math
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from conftest import TINY_LLAMA
@@ -12,9 +14,7 @@ from mlx_lm.models import llama
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 import mlx_lm_pref  # noqa: F401
-from mlx_lm_pref.batching import collate
-from mlx_lm_pref.config import PreferenceArgs
-from mlx_lm_pref.data import Pair
+from mlx_lm_pref.config import DPO_LOSSES, PreferenceArgs
 from mlx_lm_pref.losses import log1mexp
 from mlx_lm_pref.objective import METRICS, preference_loss
 from mlx_lm_pref.reference import adapters_disabled
@@ -22,8 +22,7 @@ from mlx_lm_pref.reference import adapters_disabled
 
 def tiny_lora_model(seed=0, nonzero_adapter=True):
     mx.random.seed(seed)
-    args = llama.ModelArgs(**TINY_LLAMA)
-    model = llama.Model(args)
+    model = llama.Model(llama.ModelArgs(**TINY_LLAMA))
     model.freeze()
     linear_to_lora_layers(model, 2, {"rank": 4, "dropout": 0.0, "scale": 2.0})
     if nonzero_adapter:  # a trained-looking adapter, so policy != reference
@@ -37,96 +36,258 @@ def tiny_lora_model(seed=0, nonzero_adapter=True):
     return model
 
 
-def random_pairs(rng, n=3):
-    pairs = []
-    for _ in range(n):
+def random_batch(seed=0, pairs=4):
+    """(tokens (2B, L), spans (2B, 2)): chosen rows then rejected rows, right-padded, with
+    completions of different lengths and a per-side start."""
+    rng = np.random.default_rng(seed)
+    rows, spans = [], []
+    for _ in range(pairs):
         p = [1] + list(rng.integers(3, 50, rng.integers(2, 6)))
-        c = p + list(rng.integers(3, 50, rng.integers(1, 7)))
-        r = p + list(rng.integers(3, 50, rng.integers(1, 7)))
-        pairs.append(Pair(c, r, len(p)))
-    return pairs
+        rows.append((p + list(rng.integers(3, 50, rng.integers(1, 7)))))
+        rows.append((p + list(rng.integers(3, 50, rng.integers(1, 7)))))
+        spans += [(len(p), len(rows[-2])), (len(p), len(rows[-1]))]
+    order = list(range(0, 2 * pairs, 2)) + list(range(1, 2 * pairs, 2))
+    width = max(map(len, rows)) + 3  # some padding
+    tokens = np.zeros((2 * pairs, width), np.int32)
+    for k, i in enumerate(order):
+        tokens[k, : len(rows[i])] = rows[i]
+    return mx.array(tokens), mx.array(np.array(spans)[order].astype(np.int32))
 
 
-def np_logps(logits, tokens):
-    """(N, L-1) log-probs of tokens[:, 1:] under logits, float64."""
+# ---- the independent reference, float64 numpy ----
+
+
+def log_softmax(logits):
     logits = np.asarray(logits, np.float64)
-    lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(
-        -1
-    )
-    tgt = tokens[:, 1:]
-    return np.take_along_axis(logits, tgt[..., None], -1)[..., 0] - lse
+    m = logits.max(-1, keepdims=True)
+    return logits - (np.log(np.exp(logits - m).sum(-1, keepdims=True)) + m)
 
 
-def np_log_sigmoid(x):
+def logsig(x):
     return -np.logaddexp(0, -x)
 
 
-def np_reference(model, tokens, spans, loss_type, beta):
-    """Straight from the papers / TRL_SEMANTICS.md, in float64 numpy."""
-    tokens_np = np.array(tokens)
-    spans_np = np.array(spans)
-    inputs = tokens[:, :-1]
-    lp = np_logps(model(inputs), tokens_np)
+def sig(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def forward(model, tokens, spans):
+    tokens, spans = np.array(tokens), np.array(spans)
+    logits = np.array(model(mx.array(tokens[:, :-1])), np.float64)
+    lsm = log_softmax(logits)
+    lp = np.take_along_axis(lsm, tokens[:, 1:, None], -1)[..., 0]
+    pos = np.arange(1, tokens.shape[1])
+    comp = (pos >= spans[:, :1]) & (pos < spans[:, 1:])
+    return logits, lsm, lp, comp
+
+
+def dpo_reference(model, tokens, spans, o: PreferenceArgs):
+    logits, lsm, lp, comp = forward(model, tokens, spans)
     with adapters_disabled(model):
-        ref = np_logps(model(inputs), tokens_np)
-    T = lp.shape[1]
-    pos = np.arange(1, T + 1)
-    comp = (pos >= spans_np[:, :1]) & (pos < spans_np[:, 1:])
-    B = len(tokens_np) // 2
-    s, rs, n = (lp * comp).sum(1), (ref * comp).sum(1), comp.sum(1)
-    if loss_type == "dpo":
-        cr, rr = beta * (s[:B] - rs[:B]), beta * (s[B:] - rs[B:])
-        loss = np.mean(-np_log_sigmoid(cr - rr))
-        return [
-            loss,
-            cr.mean(),
-            rr.mean(),
-            (cr > rr).mean(),
-            (cr - rr).mean(),
-            s[:B].mean(),
-            s[B:].mean(),
-        ]
-    a = s / n
-    whole = (pos >= 1) & (pos < spans_np[:B, 1:])
+        _, _, ref_lp, _ = forward(model, tokens, spans)
+    B = len(comp) // 2
+    n = comp.sum(1)
+    if o.ld_alpha is None:
+        s, rs = (lp * comp).sum(1), (ref_lp * comp).sum(1)
+    else:  # LD-DPO: tokens past the shorter completion count ld_alpha
+        shared = np.minimum(n[:B], n[B:])
+        shared = np.concatenate([shared, shared])[:, None]
+        k = np.cumsum(comp, 1)
+        w = np.where(k <= shared, 1.0, o.ld_alpha) * comp
+        s, rs = (lp * w).sum(1), (ref_lp * w).sum(1)
+    dc, dr = s[:B] - rs[:B], s[B:] - rs[B:]
+    f = {
+        "reverse_kl": lambda d: d,
+        "forward_kl": lambda d: 1 - np.exp(-d),
+        "js_divergence": lambda d: np.log(2) + logsig(d),
+        "alpha_divergence": lambda d: (np.exp((o.f_alpha_divergence_coef - 1) * d) - 1)
+        / (o.f_alpha_divergence_coef - 1),
+    }[o.f_divergence_type]
+    sc, sr = f(dc), f(dr)
+    b, eps = o.beta, o.label_smoothing
+    delta = sc - sr
+    sft = -(lp[:B] * comp[:B]).sum() / comp[:B].sum()
+    formulas = {
+        "sigmoid": lambda: -logsig(b * delta),
+        "cdpo": lambda: -(1 - eps) * logsig(b * delta) - eps * logsig(-b * delta),
+        "hinge": lambda: np.maximum(0, 1 - b * delta),
+        "ipo": lambda: (sc / n[:B] - sr / n[B:] - 1 / (2 * b)) ** 2,
+        "exo_pair": lambda: sig(b * delta) * (logsig(b * delta) - np.log(1 - eps))
+        + sig(-b * delta) * (logsig(-b * delta) - np.log(eps)),
+        "nca_pair": lambda: -logsig(b * dc)
+        - 0.5 * logsig(-b * dc)
+        - 0.5 * logsig(-b * dr),
+        "robust": lambda: (-(1 - eps) * logsig(b * delta) + eps * logsig(-b * delta))
+        / (1 - 2 * eps),
+        "bco_pair": lambda: -logsig(b * dc) - logsig(-b * dr),
+        "sppo_hard": lambda: (dc - 1 / (2 * b)) ** 2 + (dr + 1 / (2 * b)) ** 2,
+        "aot": lambda: aot(np.sort(s[:B] - s[B:]) - np.sort(rs[:B] - rs[B:])),
+        "aot_unpaired": lambda: aot(np.sort(dc) - np.sort(dr)),
+        "apo_zero": lambda: (1 - sig(b * dc)) + sig(b * dr),
+        "apo_down": lambda: sig(b * dc) + (1 - sig(b * (dc - dr))),
+        "discopop": lambda: (1 - sig(b * delta / o.discopop_tau)) * -logsig(b * delta)
+        + sig(b * delta / o.discopop_tau) * np.exp(-b * delta),
+        "sft": lambda: np.full(B, sft),
+        "sigmoid_norm": lambda: -logsig(b * (sc / n[:B] - sr / n[B:])),
+    }
+    aot = lambda d: -(1 - eps) * logsig(b * d) - eps * logsig(-b * d)  # noqa: E731
+    pair_w = 1.0
+    if o.use_weighting:  # WPO: exp(mean(log p - log sum p^2)) per sequence
+        lss = np.log((np.exp(lsm) ** 2).sum(-1))
+        mean = ((lp - lss) * comp).sum(1) / n
+        pair_w = np.exp(mean[:B]) * np.exp(mean[B:])
+    loss = sum(
+        w * np.mean(formulas[t]() * pair_w) for t, w in zip(o.loss_type, o.weights)
+    )
+    cr, rr = b * dc, b * dr
+    vocab_mean = logits.mean(-1)
+    p = np.exp(lsm)
+    entropy = -(p * lsm).sum(-1)
+    top1 = logits[:B].argmax(-1) == np.array(tokens)[:B, 1:]
+    return {
+        "loss": loss,
+        "rewards/chosen": cr.mean(),
+        "rewards/rejected": rr.mean(),
+        "rewards/accuracies": (cr > rr).mean(),
+        "rewards/margins": (cr - rr).mean(),
+        "logps/chosen": s[:B].mean(),
+        "logps/rejected": s[B:].mean(),
+        "logits/chosen": vocab_mean[:B][comp[:B]].mean(),
+        "logits/rejected": vocab_mean[B:][comp[B:]].mean(),
+        "entropy": entropy[comp].mean(),
+        "mean_token_accuracy": top1[comp[:B]].mean(),
+        "num_tokens": np.array(spans)[:, 1].sum(),
+    }
+
+
+def _real(spans, width):
+    return np.arange(width)[None] < (np.array(spans)[:, 1:] - 1)
+
+
+def orpo_reference(model, tokens, spans, o):
+    logits, _, lp, comp = forward(model, tokens, spans)
+    B = len(comp) // 2
+    a = (lp * comp).sum(1) / comp.sum(1)
+    pos = np.arange(1, lp.shape[1] + 1)
+    whole = (pos >= 1) & (pos < np.array(spans)[:B, 1:])
     nll = -(lp[:B] * whole).sum() / whole.sum()
-    log1mexp_np = lambda x: np.log(-np.expm1(x))
-    log_odds = (a[:B] - a[B:]) - (log1mexp_np(a[:B]) - log1mexp_np(a[B:]))
-    ratio = np_log_sigmoid(log_odds)
-    loss = nll - beta * ratio.mean()
-    cr, rr = beta * a[:B], beta * a[B:]
-    return [
-        loss,
-        cr.mean(),
-        rr.mean(),
-        (cr > rr).mean(),
-        (cr - rr).mean(),
-        a[:B].mean(),
-        a[B:].mean(),
-        nll,
-        ratio.mean(),
-        log_odds.mean(),
-    ]
+    l1 = lambda x: np.log(-np.expm1(x))  # noqa: E731
+    log_odds = (a[:B] - a[B:]) - (l1(a[:B]) - l1(a[B:]))
+    ratio = logsig(log_odds)
+    cr, rr = o.beta * a[:B], o.beta * a[B:]
+    real = _real(spans, lp.shape[1])
+    vm = logits.mean(-1)
+    return {
+        "loss": nll - o.beta * ratio.mean(),
+        "rewards/chosen": cr.mean(),
+        "rewards/rejected": rr.mean(),
+        "rewards/accuracies": (cr > rr).mean(),
+        "rewards/margins": (cr - rr).mean(),
+        "logps/chosen": a[:B].mean(),
+        "logps/rejected": a[B:].mean(),
+        "logits/chosen": vm[:B][real[:B]].mean(),
+        "logits/rejected": vm[B:][real[B:]].mean(),
+        "nll_loss": nll,
+        "log_odds_ratio": ratio.mean(),
+        "log_odds_chosen": log_odds.mean(),
+    }
+
+
+def cpo_reference(model, tokens, spans, o):
+    logits, _, lp, comp = forward(model, tokens, spans)
+    B = len(comp) // 2
+    s = (lp * comp).sum(1)
+    if o.cpo_loss_type in ("ipo", "simpo"):
+        s = s / comp.sum(1)
+    r = (1 - np.exp(-o.alpha * s)) / o.alpha if o.alpha else s
+    z, b, eps = r[:B] - r[B:], o.beta, o.label_smoothing
+    smooth = lambda x: -(1 - eps) * logsig(b * x) - eps * logsig(-b * x)  # noqa: E731
+    losses = {
+        "sigmoid": lambda: smooth(z),
+        "simpo": lambda: smooth(z - o.simpo_gamma / b),
+        "hinge": lambda: np.maximum(0, 1 - b * z),
+        "ipo": lambda: (z - 1 / (2 * b)) ** 2,
+    }[o.cpo_loss_type]()
+    nll = -(lp[:B] * comp[:B]).sum() / comp[:B].sum() if o.cpo_alpha else 0.0
+    cr, rr = b * r[:B], b * r[B:]
+    real = _real(spans, lp.shape[1])
+    vm = logits.mean(-1)
+    return {
+        "loss": losses.mean() + o.cpo_alpha * nll,
+        "rewards/chosen": cr.mean(),
+        "rewards/rejected": rr.mean(),
+        "rewards/accuracies": (cr > rr).mean(),
+        "rewards/margins": (cr - rr).mean(),
+        "logps/chosen": s[:B].mean(),
+        "logps/rejected": s[B:].mean(),
+        "logits/chosen": vm[:B][real[:B]].mean(),
+        "logits/rejected": vm[B:][real[B:]].mean(),
+        "nll_loss": nll,
+    }
+
+
+REFERENCES = {"dpo": dpo_reference, "orpo": orpo_reference, "cpo": cpo_reference}
+
+CASES = [
+    dict(
+        loss_type=name,
+        label_smoothing=(
+            0.1
+            if name in ("exo_pair", "robust", "aot", "aot_unpaired", "cdpo")
+            else 0.0
+        ),
+    )
+    for name in DPO_LOSSES
+    if name
+    != "sft"  # alone, loss_type sft is mlx-lm's SFT; TRL's sft term is tested in lists
+] + [
+    dict(loss_type="dpo", beta=0.5),
+    dict(loss_type="sigmoid,sft", loss_weights="1.0,0.5"),
+    dict(loss_type="dpo", rpo_alpha=0.3),
+    dict(loss_type="sigmoid,hinge,ipo", loss_weights="0.5,0.25,1.0"),
+    dict(loss_type="dpo", f_divergence_type="forward_kl"),
+    dict(loss_type="dpo", f_divergence_type="js_divergence"),
+    dict(
+        loss_type="dpo",
+        f_divergence_type="alpha_divergence",
+        f_alpha_divergence_coef=0.3,
+    ),
+    dict(loss_type="ipo", f_divergence_type="forward_kl"),
+    dict(loss_type="dpo", ld_alpha=0.5),
+    dict(loss_type="dpo", use_weighting=True),
+    dict(loss_type="orpo"),
+    dict(loss_type="orpo", beta=1.0),
+    dict(loss_type="cpo"),
+    dict(loss_type="cpo", cpo_loss_type="hinge"),
+    dict(loss_type="cpo", cpo_loss_type="ipo"),
+    dict(loss_type="cpo", label_smoothing=0.1),
+    dict(loss_type="simpo", beta=2.0, simpo_gamma=1.0),
+    dict(loss_type="simpo", cpo_alpha=0.0),
+    dict(loss_type="alphapo", alpha=0.2),
+    dict(loss_type="cpo", alpha=-0.1),
+]
 
 
 @pytest.mark.parametrize(
-    "loss_type,beta", [("dpo", 0.1), ("dpo", 0.5), ("orpo", 0.1), ("orpo", 1.0)]
+    "case", CASES, ids=lambda c: "-".join(f"{v}" for v in c.values())
 )
-def test_matches_numpy(loss_type, beta):
+def test_matches_numpy(case):
     model = tiny_lora_model()
-    tokens, spans = collate(random_pairs(np.random.default_rng(0), 4), 2048)
-    options = PreferenceArgs(loss_type=loss_type, beta=beta)
+    tokens, spans = random_batch()
+    options = PreferenceArgs(**case)
     loss, ntoks = preference_loss(model, tokens, spans, options.as_constants())
-    ours = model._pref_metrics.tolist()
-    expected = np_reference(model, tokens, spans, loss_type, beta)
-    assert len(ours) == len(METRICS[loss_type]) == len(expected)
-    np.testing.assert_allclose(ours, expected, atol=1e-5, rtol=1e-5)
-    assert abs(loss.item() - expected[0]) < 1e-5
+    ours = dict(zip(METRICS[options.method], model._pref_metrics.tolist()))
+    expected = REFERENCES[options.method](model, tokens, spans, options)
+    assert set(ours) == set(expected)
+    for name in expected:
+        assert ours[name] == pytest.approx(expected[name], abs=1e-5, rel=1e-5), name
+    assert loss.item() == pytest.approx(expected["loss"], abs=1e-5, rel=1e-5)
     assert ntoks.item() == int(np.array(spans)[:, 1].sum())
 
 
 def test_first_dpo_loss_is_ln2_with_a_fresh_adapter():
     model = tiny_lora_model(nonzero_adapter=False)  # mlx-lm initialises lora_b to zero
-    tokens, spans = collate(random_pairs(np.random.default_rng(1), 4), 2048)
+    tokens, spans = random_batch(1)
     loss, _ = preference_loss(
         model, tokens, spans, PreferenceArgs(loss_type="dpo").as_constants()
     )
@@ -136,20 +297,57 @@ def test_first_dpo_loss_is_ln2_with_a_fresh_adapter():
     assert metrics["rewards/accuracies"] == 0.0  # strict >, as TRL
 
 
-def test_dpo_gradient_reaches_only_the_policy_pass():
-    """The reference pass is gradient-free: with a fresh adapter the gradient equals the one
-    of the policy log-ratio term alone, which is non-zero."""
-    import mlx.nn as nn
-
+@pytest.mark.parametrize("loss_type", ["dpo", "orpo", "simpo", "ipo"])
+def test_gradients_are_finite_and_reach_the_adapter(loss_type):
     model = tiny_lora_model(nonzero_adapter=False)
-    tokens, spans = collate(random_pairs(np.random.default_rng(2), 2), 2048)
-    constants = PreferenceArgs(loss_type="dpo").as_constants()
-    (_, _), grads = nn.value_and_grad(model, preference_loss)(
+    tokens, spans = random_batch(2, pairs=2)
+    constants = PreferenceArgs(loss_type=loss_type).as_constants()
+    _, grads = nn.value_and_grad(model, preference_loss)(
         model, tokens, spans, constants
     )
     norms = [mx.abs(g).sum().item() for _, g in tree_flatten(grads)]
     assert any(n > 0 for n in norms)
     assert all(math.isfinite(n) for n in norms)
+
+
+def test_aot_needs_two_pairs_per_batch():
+    model = tiny_lora_model()
+    tokens, spans = random_batch(3, pairs=1)
+    with pytest.raises(ValueError, match="batch_size >= 2"):
+        preference_loss(
+            model, tokens, spans, PreferenceArgs(loss_type="aot").as_constants()
+        )
+
+
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        (dict(loss_type="exo_pair"), "needs label_smoothing > 0"),
+        (
+            dict(loss_type="robust", label_smoothing=0.5),
+            r"label_smoothing must be in \[0, 0.5\)",
+        ),
+        (
+            dict(loss_type="sigmoid,sft", loss_weights="1.0"),
+            "give one weight per loss type",
+        ),
+        (
+            dict(loss_type="bco_pair", f_divergence_type="forward_kl"),
+            "only defined for",
+        ),
+        (dict(loss_type="aot", use_weighting=True), "cannot be combined with aot"),
+        (dict(loss_type="orpo,sigmoid"), "cannot be combined"),
+        (dict(loss_type="dpo", ld_alpha=1.5), r"ld_alpha must be in \[0, 1\]"),
+        (
+            dict(loss_type="kto"),
+            "Unknown loss_type 'kto'. Valid values: sft, dpo, orpo",
+        ),
+        (dict(loss_type="cpo", cpo_loss_type="sppo"), "Unknown cpo_loss_type"),
+    ],
+)
+def test_unsupported_combinations_are_refused(case, message):
+    with pytest.raises(ValueError, match=message):
+        PreferenceArgs(**case)
 
 
 def test_log1mexp_is_accurate_and_has_finite_gradients():

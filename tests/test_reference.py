@@ -14,9 +14,16 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 
 import mlx_lm_pref  # noqa: F401
 from mlx_lm_pref.config import PreferenceArgs
-from mlx_lm_pref.reference import adapter_layers, adapters_disabled, check_reference
+from mlx_lm_pref.reference import (
+    adapter_layers,
+    adapters_disabled,
+    check_reference,
+    freeze_initial_adapter,
+    initial_adapter,
+    resolve_reference,
+)
 
-DPO = PreferenceArgs(loss_type="dpo")
+DPO = PreferenceArgs(loss_type="dpo", reference="adapters_off")
 
 
 def base_and_adapted(dora=False, keys=None):
@@ -97,3 +104,29 @@ def test_trainable_non_adapter_weights_are_refused():
     model.model.norm.unfreeze()
     with pytest.raises(ValueError, match="model.norm.weight.*reference would move"):
         check_reference(model, DPO)
+
+
+def test_initial_adapter_reference_is_the_adapter_at_step_0():
+    model, tokens, base_logits = base_and_adapted()
+    at_start = model(tokens)
+    freeze_initial_adapter(model)
+    # training moves the adapter (the optimizer replaces the arrays)
+    moved = [(k, v + 0.2) for k, v in tree_flatten(model.trainable_parameters())]
+    model.update(tree_unflatten(moved))
+    now = model(tokens)
+    assert mx.abs(now - at_start).max().item() > 1e-2
+    with initial_adapter(model):
+        reference = model(tokens)
+    np.testing.assert_allclose(np.array(reference), np.array(at_start), atol=1e-6)
+    np.testing.assert_allclose(np.array(model(tokens)), np.array(now), atol=1e-6)
+
+
+def test_auto_reference_follows_the_adapter_state():
+    mx.random.seed(0)
+    model = llama.Model(llama.ModelArgs(**TINY_LLAMA))
+    model.freeze()
+    linear_to_lora_layers(model, 2, {"rank": 4, "dropout": 0.0, "scale": 3.0})
+    assert resolve_reference(model, "auto") == "adapters_off"  # fresh: lora_b == 0
+    model, _, _ = base_and_adapted()  # trained adapter weights (e.g. resumed after SFT)
+    assert resolve_reference(model, "auto") == "initial_adapter"
+    assert resolve_reference(model, "adapters_off") == "adapters_off"  # explicit wins

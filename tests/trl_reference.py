@@ -9,12 +9,17 @@ Helpers for ``test_trl_parity.py`` (and for digging into a mismatch by hand):
   (``adapter_config.json`` + ``adapters.safetensors``, what ``mlx_lm.lora`` saves and
   ``--adapter-path`` loads) and as a PEFT adapter folder; ``check_adapter_pair`` checks that
   both give the same logits.
-- ``trl_dpo_eval`` / ``trl_orpo_eval``: TRL's ``DPOTrainer.evaluate()`` (reference = the base
-  model, float32, ``bf16=False``) and ``trl.experimental.orpo.ORPOTrainer.evaluate()`` on the
-  same rows, returning TRL's ``eval_*`` metrics with the prefix stripped.
-- ``trl_dpo_tokens`` / ``trl_orpo_tokens`` / ``trl_sequence_logps``: what TRL feeds the model
-  (ids and completion masks per row) and the per-sequence log-probs it gets, for root-causing
-  a mismatch against ``mlx_lm_pref.data.PreferenceDataset``.
+- ``trl_eval(method, ...)`` (``trl_dpo_eval`` / ``trl_orpo_eval`` / ``trl_cpo_eval``): TRL's
+  ``DPOTrainer.evaluate()`` (reference = the base model, float32, ``bf16=False``),
+  ``trl.experimental.orpo.ORPOTrainer.evaluate()`` or ``trl.experimental.cpo.CPOTrainer
+  .evaluate()`` on the same rows, with any config option passed through (``loss_type``,
+  ``label_smoothing``, ``max_length``, ...), returning TRL's ``eval_*`` metrics with the
+  prefix stripped.
+- ``trl_tokens``: what TRL feeds the model per pair (ids after TRL's own truncation, and where
+  each side's completion starts), the layout of ``mlx_lm_pref.data.Pair``;
+  ``trl_sequence_logps``: the per-sequence log-probs TRL gets from them.
+- ``trl_first_batch_grads``: the LoRA gradient of TRL's ``compute_loss`` on the first
+  evaluation batch, in mlx-lm's names and orientation.
 
 Needs torch, transformers, peft and trl (the ``test`` extra plus ``pip install trl peft``); the
 mlx side needs mlx-lm. Nothing here imports ``mlx_lm_pref`` except through ``tiny``.
@@ -56,9 +61,10 @@ LLAMA_LORA_KEYS = (
 # --------------------------------------------------------------------------- models
 
 
-def load_hf_model(model_path, peft_path=None):
+def load_hf_model(model_path, peft_path=None, trainable=False):
     """The tiny model folder as a float32 ``LlamaForCausalLM`` in eval mode (optionally with a
-    PEFT adapter on top, as a ``PeftModel``)."""
+    PEFT adapter on top, as a ``PeftModel``, whose LoRA weights require grad if ``trainable``).
+    """
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
@@ -66,7 +72,7 @@ def load_hf_model(model_path, peft_path=None):
     if peft_path is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(peft_path), is_trainable=False)
+        model = PeftModel.from_pretrained(model, str(peft_path), is_trainable=trainable)
         model.eval()
     return model
 
@@ -282,27 +288,39 @@ def _strip(metrics: dict, prefix="eval_") -> dict:
     return out
 
 
-def make_dpo_trainer(
-    model_path, peft_path, rows, batch_size=4, beta=0.1, output_dir=None, **config
-):
-    from trl import DPOConfig, DPOTrainer
-
-    output_dir = output_dir or tempfile.mkdtemp(prefix="trl_dpo_")
-    args = DPOConfig(
+def _training_args(config_class, output_dir, batch_size, beta, config):
+    return config_class(
         output_dir=str(output_dir),
         per_device_eval_batch_size=batch_size,
         per_device_train_batch_size=batch_size,
         bf16=False,
         fp16=False,
         use_cpu=True,
-        loss_type="sigmoid",
         beta=beta,
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
         **config,
     )
-    policy = load_hf_model(model_path, peft_path)
+
+
+def make_dpo_trainer(
+    model_path,
+    peft_path,
+    rows,
+    batch_size=4,
+    beta=0.1,
+    output_dir=None,
+    trainable=False,
+    **config,
+):
+    """``DPOTrainer`` with reference = the base model (``loss_type`` defaults to sigmoid)."""
+    from trl import DPOConfig, DPOTrainer
+
+    config.setdefault("loss_type", "sigmoid")
+    output_dir = output_dir or tempfile.mkdtemp(prefix="trl_dpo_")
+    args = _training_args(DPOConfig, output_dir, batch_size, beta, config)
+    policy = load_hf_model(model_path, peft_path, trainable)
     ref = load_hf_model(model_path)
     ds = _dataset(rows)
     return DPOTrainer(
@@ -315,37 +333,23 @@ def make_dpo_trainer(
     )
 
 
-def trl_dpo_eval(
-    model_path, peft_path, rows, batch_size=4, beta=0.1, **config
-) -> Dict[str, float]:
-    """``DPOTrainer.evaluate()`` (sigmoid, reference = base model, float32); eval_* metrics
-    with the prefix stripped."""
-    trainer = make_dpo_trainer(model_path, peft_path, rows, batch_size, beta, **config)
-    return _strip(trainer.evaluate())
-
-
 def make_orpo_trainer(
-    model_path, peft_path, rows, batch_size=4, beta=0.1, output_dir=None, **config
+    model_path,
+    peft_path,
+    rows,
+    batch_size=4,
+    beta=0.1,
+    output_dir=None,
+    trainable=False,
+    **config,
 ):
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
     output_dir = output_dir or tempfile.mkdtemp(prefix="trl_orpo_")
-    args = ORPOConfig(
-        output_dir=str(output_dir),
-        per_device_eval_batch_size=batch_size,
-        per_device_train_batch_size=batch_size,
-        bf16=False,
-        fp16=False,
-        use_cpu=True,
-        beta=beta,
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        **config,
-    )
+    args = _training_args(ORPOConfig, output_dir, batch_size, beta, config)
     ds = _dataset(rows)
     return ORPOTrainer(
-        model=load_hf_model(model_path, peft_path),
+        model=load_hf_model(model_path, peft_path, trainable),
         args=args,
         train_dataset=ds,
         eval_dataset=ds,
@@ -353,52 +357,127 @@ def make_orpo_trainer(
     )
 
 
-def trl_orpo_eval(
-    model_path, peft_path, rows, batch_size=4, beta=0.1, **config
+def make_cpo_trainer(
+    model_path,
+    peft_path,
+    rows,
+    batch_size=4,
+    beta=0.1,
+    output_dir=None,
+    trainable=False,
+    **config,
+):
+    """``trl.experimental.cpo.CPOTrainer`` (``loss_type`` sigmoid, hinge, ipo, simpo or
+    alphapo; ``cpo_alpha``, ``simpo_gamma``, ``alpha``, ``label_smoothing``)."""
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    output_dir = output_dir or tempfile.mkdtemp(prefix="trl_cpo_")
+    args = _training_args(CPOConfig, output_dir, batch_size, beta, config)
+    ds = _dataset(rows)
+    return CPOTrainer(
+        model=load_hf_model(model_path, peft_path, trainable),
+        args=args,
+        train_dataset=ds,
+        eval_dataset=ds,
+        processing_class=load_hf_tokenizer(model_path),
+    )
+
+
+TRAINERS = {"dpo": make_dpo_trainer, "orpo": make_orpo_trainer, "cpo": make_cpo_trainer}
+
+
+def make_trainer(method, model_path, peft_path, rows, batch_size=4, beta=0.1, **config):
+    return TRAINERS[method](model_path, peft_path, rows, batch_size, beta, **config)
+
+
+def trl_eval(
+    method, model_path, peft_path, rows, batch_size=4, beta=0.1, **config
 ) -> Dict[str, float]:
-    """``trl.experimental.orpo.ORPOTrainer.evaluate()``; eval_* metrics, prefix stripped."""
-    trainer = make_orpo_trainer(model_path, peft_path, rows, batch_size, beta, **config)
+    """``evaluate()`` of TRL's ``method`` trainer (dpo, orpo, cpo); eval_* metrics with the
+    prefix stripped."""
+    trainer = make_trainer(
+        method, model_path, peft_path, rows, batch_size, beta, **config
+    )
     return _strip(trainer.evaluate())
+
+
+def trl_dpo_eval(model_path, peft_path, rows, batch_size=4, beta=0.1, **config):
+    return trl_eval("dpo", model_path, peft_path, rows, batch_size, beta, **config)
+
+
+def trl_orpo_eval(model_path, peft_path, rows, batch_size=4, beta=0.1, **config):
+    return trl_eval("orpo", model_path, peft_path, rows, batch_size, beta, **config)
+
+
+def trl_cpo_eval(model_path, peft_path, rows, batch_size=4, beta=0.1, **config):
+    return trl_eval("cpo", model_path, peft_path, rows, batch_size, beta, **config)
+
+
+def first_eval_batch(trainer) -> dict:
+    """The first batch TRL's evaluation loop feeds ``compute_loss``."""
+    return next(iter(trainer.get_eval_dataloader()))
+
+
+def trl_first_batch_grads(trainer) -> Dict[str, np.ndarray]:
+    """d loss / d LoRA weights of ``trainer.compute_loss`` on the first evaluation batch (a
+    trainer built with ``trainable=True``), keyed and shaped as mlx-lm's adapter weights:
+    ``model.layers.{i}.{module}.lora_a`` (in, r) and ``.lora_b`` (r, out)."""
+    model = trainer.model
+    model.zero_grad()
+    loss = trainer.compute_loss(model, first_eval_batch(trainer))
+    loss.backward()
+    out = {}
+    for name, param in model.named_parameters():
+        if "lora_" not in name:
+            continue
+        if param.grad is None:
+            raise AssertionError(f"{name} got no gradient")
+        hf_name, kind = name.split("base_model.model.", 1)[1].split(".lora_")
+        key = f"{hf_name}.lora_{kind.split('.')[0].lower()}"
+        out[key] = param.grad.detach().float().numpy().T.copy()
+    return out
 
 
 # --------------------------------------------------------------------------- diagnostics
 
 
-def trl_dpo_tokens(trainer) -> List[dict]:
-    """Per pair, the id sequences DPOTrainer feeds the model and where the completion starts:
-    ``{"chosen", "rejected", "prompt_length"}`` (the layout of ``mlx_lm_pref.data.Pair``).
-    """
-    out = []
-    for ex in trainer.eval_dataset:
-        p = list(ex["prompt_ids"])
-        out.append(
-            {
-                "chosen": p + list(ex["chosen_ids"]),
-                "rejected": p + list(ex["rejected_ids"]),
-                "prompt_length": len(p),
-            }
-        )
-    return out
-
-
-def trl_orpo_tokens(trainer) -> List[dict]:
-    """Per pair, the id sequences ORPOTrainer feeds the model and where the completion starts
-    (the first label that is not -100); chosen and rejected may have different prompt
-    lengths in ORPO, so both are given."""
+def trl_tokens(trainer) -> List[dict]:
+    """Per pair, the id sequences TRL's trainer feeds the model (after its truncation) and
+    where each side's completion starts: ``{"chosen", "rejected", "chosen_start",
+    "rejected_start"}`` (the fields of ``mlx_lm_pref.data.Pair``). DPO is read from its
+    collator (which truncates), ORPO/CPO from their tokenized dataset (first label that is
+    not -100)."""
+    if "prompt_ids" in trainer.eval_dataset.column_names:  # DPOTrainer
+        out = []
+        for ex in trainer.eval_dataset:
+            batch = trainer.data_collator([ex])
+            row = {}
+            for k, side in enumerate(("chosen", "rejected")):
+                n = int(batch["attention_mask"][k].sum())
+                row[side] = batch["input_ids"][k][:n].tolist()
+                mask = batch["completion_mask"][k][:n].tolist()
+                row[f"{side}_start"] = mask.index(1) if 1 in mask else n
+            out.append(row)
+        return out
     out = []
     for ex in trainer.eval_dataset:
         row = {}
         for side in ("chosen", "rejected"):
             labels = ex[f"{side}_labels"]
             row[side] = list(ex[f"{side}_input_ids"])
-            row[f"{side}_prompt_length"] = next(
-                i for i, l in enumerate(labels) if l != -100
+            row[f"{side}_start"] = next(
+                (i for i, l in enumerate(labels) if l != -100), len(labels)
             )
-        row["prompt_length"] = min(
-            row["chosen_prompt_length"], row["rejected_prompt_length"]
-        )
         out.append(row)
     return out
+
+
+def trl_dpo_tokens(trainer) -> List[dict]:
+    return trl_tokens(trainer)
+
+
+def trl_orpo_tokens(trainer) -> List[dict]:
+    return trl_tokens(trainer)
 
 
 def sequence_logps(model, ids: Sequence[int], start: int) -> tuple:
@@ -417,12 +496,12 @@ def sequence_logps(model, ids: Sequence[int], start: int) -> tuple:
 
 
 def trl_sequence_logps(model, tokens: List[dict]) -> List[dict]:
-    """Summed and mean completion log-probs of each row in ``tokens`` (from ``trl_*_tokens``)."""
+    """Summed and mean completion log-probs of each row in ``tokens`` (from ``trl_tokens``)."""
     out = []
     for row in tokens:
         r = {}
         for side in ("chosen", "rejected"):
-            start = row.get(f"{side}_prompt_length", row["prompt_length"])
+            start = row[f"{side}_start"]
             s, n = sequence_logps(model, row[side], start)
             r[side] = {"sum": s, "mean": s / n, "n": n}
         out.append(r)
