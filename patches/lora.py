@@ -9,6 +9,7 @@ written; ``train`` and ``evaluate`` were imported here by name and get the train
 import inspect
 from pathlib import Path
 
+import mlx.core as mx
 import mlx_lm.tuner.trainer
 from mlx_lm.cli_ui import rprint
 from mlx_lm.tuner.datasets import CacheDataset
@@ -42,15 +43,28 @@ def run(wrapped, instance, args, kwargs):
             if hasattr(ns, name):
                 delattr(ns, name)
         return wrapped(*args, **kwargs)
-    if options.needs_reference and getattr(ns, "fine_tune_type", "lora") == "full":
-        raise ConfigError(
-            f"--loss-type {options.loss_type} with --fine-tune-type full: the reference "
-            "(the base model) comes from switching LoRA adapters off, and full fine-tuning "
-            "has none. Use --fine-tune-type lora (or dora), or the reference-free "
-            "--loss-type orpo."
-        )
+    check_run(options, ns)
     with using_options(options):
         return wrapped(*args, **kwargs)
+
+
+def check_run(options, ns):
+    """Refuse, before anything is loaded or written, what the run could not do."""
+    live_reference = options.reference in ("auto", "adapters_off", "initial_adapter")
+    if options.needs_reference and live_reference and ns.fine_tune_type == "full":
+        raise ConfigError(
+            f"--loss-type {','.join(options.loss_type)} with --fine-tune-type full: the "
+            f"reference ({options.reference}) comes from the LoRA adapters, and full "
+            "fine-tuning has none. Use --fine-tune-type lora (or dora), --reference none, "
+            "or a reference-free loss (--loss-type orpo or simpo)."
+        )
+    pairs_per_rank = ns.batch_size // mx.distributed.init().size()
+    if set(options.loss_type) & {"aot", "aot_unpaired"} and pairs_per_rank < 2:
+        raise ConfigError(
+            "loss_type aot/aot_unpaired sorts log-ratios across the pairs of a batch: "
+            f"batch_size {ns.batch_size} gives {pairs_per_rank} pair per rank. Use "
+            "--batch-size 2 or more per rank."
+        )
 
 
 def evaluate_model(wrapped, instance, args, kwargs):

@@ -197,7 +197,13 @@ def test_bad_row_stops_before_anything_is_written(tiny_model, tmp_path):
             "mlx_lm_pref: error: Unknown loss_type 'dpoo'. Valid values: sft, dpo, orpo, cpo, simpo",
         ),
         ("loss_type: dpo\nfine_tune_type: full\n", "full fine-tuning has none"),
+        (
+            "loss_type: ipo\nreference: initial_adapter\nfine_tune_type: full\n",
+            "full fine-tuning has none",
+        ),
         ("loss_type: dpo\nbeta: 0\n", "beta must be > 0"),
+        ("loss_type: aot\nbatch_size: 1\n", "Use --batch-size 2 or more per rank"),
+        ("loss_type: exo_pair\n", "exo_pair needs label_smoothing > 0"),
     ],
 )
 def test_unsupported_settings_are_refused_before_loading(
