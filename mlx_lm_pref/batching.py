@@ -1,11 +1,13 @@
 """Preference batches: chosen rows then rejected rows, one (2B, L) array.
 
-Both iterators yield ``(tokens, spans, options)``:
+Both iterators yield ``(tokens, spans, options)``, and with precomputed reference log-probs
+``(tokens, spans, options, reference)``:
 - ``tokens``: (2B, L) int32, rows ``[0, B)`` are the chosen sequences and ``[B, 2B)`` the
   rejected ones of the same pairs, right-padded with 0;
 - ``spans``: (2B, 2) int32, ``[completion start, sequence end)`` per row, in token indices
   (chosen and rejected rows each carry their own start);
-- ``options``: ``PreferenceArgs.as_constants()``, compile-time constants for the loss.
+- ``options``: ``PreferenceArgs.as_constants()``, compile-time constants for the loss;
+- ``reference``: (2B,) float32 reference log-probs of each row (``reference: precomputed``).
 
 Training (``iterate_preference_batches``) follows mlx-lm's ``iterate_batches``: pairs sorted by
 length and cut into full batches (so chosen and rejected lengths stay close; the remainder is
@@ -70,7 +72,7 @@ def iterate_preference_batches(
     while True:
         for i in np.random.permutation(len(batch_idx)):
             batch = [pairs[j] for j in batch_idx[i]]
-            yield (*collate(batch, max_seq_length, pairs.source), constants)
+            yield make_batch(batch, max_seq_length, pairs.source, constants)
         if not loop:
             break
 
@@ -105,7 +107,17 @@ def iterate_eval_batches(dataset, batch_size, max_seq_length, comm_group=None, *
         batch = [pairs[j] for j in chunk[offset::step]]
         if not batch:
             continue
-        yield (*collate(batch, max_seq_length, pairs.source), constants)
+        yield make_batch(batch, max_seq_length, pairs.source, constants)
+
+
+def make_batch(batch, max_seq_length, source, constants):
+    """``(tokens, spans, constants)``, plus the (2B,) reference log-probs of chosen then
+    rejected rows when they were precomputed."""
+    tokens, spans = collate(batch, max_seq_length, source)
+    if batch[0].reference is None:
+        return tokens, spans, constants
+    reference = [p.reference[0] for p in batch] + [p.reference[1] for p in batch]
+    return tokens, spans, constants, mx.array(reference, dtype=mx.float32)
 
 
 def collate(batch, max_seq_length, source="data"):

@@ -44,7 +44,7 @@ F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"
 # TRL: the f-DPO reparameterisation only cancels log Z in a chosen-minus-rejected difference.
 F_DIVERGENCE_LOSSES = {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust"}
 F_DIVERGENCE_LOSSES |= {"discopop", "sft", "cdpo"}
-REFERENCES = ("auto", "adapters_off", "initial_adapter", "none")
+REFERENCES = ("auto", "adapters_off", "initial_adapter", "precomputed", "none")
 TRUNCATION_MODES = ("keep_start", "keep_end")
 
 
@@ -167,9 +167,12 @@ class PreferenceArgs:
             "help": "The DPO reference model. adapters_off: the base model (LoRA scales set "
             "to 0 for the reference pass, no extra memory). initial_adapter: the adapter as "
             "it was when training started (DPO after SFT with --resume-adapter-file; only "
-            "the adapter tensors are kept). none: reference log-probs are 0 (TRL 0.x "
-            "reference_free). auto: initial_adapter when training starts from trained "
-            "adapter weights, else adapters_off.",
+            "the adapter tensors are kept). precomputed: one pass before training scores "
+            "every pair with the model as it starts (cached on disk); no reference forward "
+            "per step, and the only choice for full fine-tuning. none: reference log-probs "
+            "are 0 (TRL 0.x reference_free). auto: precomputed for full fine-tuning, "
+            "initial_adapter when training starts from trained adapter weights, else "
+            "adapters_off.",
             "choices": REFERENCES,
         },
     )

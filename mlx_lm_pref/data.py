@@ -42,7 +42,7 @@ source (file), the line and the field.
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from .config import PreferenceArgs
 
@@ -57,12 +57,14 @@ class Pair:
     completions are ``chosen[chosen_start:]`` and ``rejected[rejected_start:]``.
 
     ``rejected_start`` defaults to ``chosen_start`` (DPO pairs always share it).
+    ``reference`` holds precomputed reference log-probs ``(chosen, rejected)``, if any.
     """
 
     chosen: List[int]
     rejected: List[int]
     chosen_start: int
     rejected_start: Optional[int] = None
+    reference: Optional[Tuple[float, float]] = None
 
     def __post_init__(self):
         if self.rejected_start is None:

@@ -90,8 +90,26 @@ def _dpo_logps(logps, completion, ld_alpha):
     return (logps * head).sum(axis=-1) + ld_alpha * (logps * tail).sum(axis=-1)
 
 
-def _reference_logps(model, inputs, targets, completion, o: PreferenceArgs):
+def sequence_logps_dpo(model, tokens, spans, ld_alpha=None):
+    """(2B,) summed (LD-weighted) completion log-probs of ``model`` as it is, gradient-free:
+    what a live reference computes, for precomputing it."""
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    completion = span_mask(spans, targets.shape[1])
+    logits = mx.stop_gradient(model(inputs))
+    return _dpo_logps(token_logps(logits, targets), completion, ld_alpha)
+
+
+def _reference_logps(
+    model, inputs, targets, completion, o: PreferenceArgs, precomputed
+):
     """Per-sequence reference log-probs, gradient-free, from the same model."""
+    if o.reference == "precomputed":
+        if precomputed is None:
+            raise ConfigError(
+                "reference precomputed: this batch carries no reference log-probs (they "
+                "are computed when train() starts; see mlx_lm_pref.precompute)."
+            )
+        return mx.stop_gradient(precomputed)
     if o.reference == "none":
         return mx.zeros((inputs.shape[0],))
     # auto outside train() (a script scoring a batch itself) means the base model.
@@ -112,7 +130,7 @@ def _wpo_weights(logits, logps, completion, B):
     return weights[:B] * weights[B:]
 
 
-def dpo_objective(model, inputs, targets, spans, o: PreferenceArgs):
+def dpo_objective(model, inputs, targets, spans, o: PreferenceArgs, reference=None):
     """The DPO loss family (TRL's ``loss_type`` list) against the adapters-off reference."""
     B = inputs.shape[0] // 2
     if set(o.loss_type) & {"aot", "aot_unpaired"} and B < 2:
@@ -124,7 +142,7 @@ def dpo_objective(model, inputs, targets, spans, o: PreferenceArgs):
     logits = model(inputs)
     logps = token_logps(logits, targets)
     policy = _dpo_logps(logps, completion, o.ld_alpha)
-    ref = _reference_logps(model, inputs, targets, completion, o)
+    ref = _reference_logps(model, inputs, targets, completion, o, reference)
     lengths = completion.sum(axis=-1).astype(mx.float32)
     scores = f_divergence_scores(
         policy - ref, o.f_divergence_type, o.f_alpha_divergence_coef
@@ -238,20 +256,25 @@ def cpo_objective(model, inputs, targets, spans, o: PreferenceArgs):
 OBJECTIVES = {"dpo": dpo_objective, "orpo": orpo_objective, "cpo": cpo_objective}
 
 
-def preference_loss(model, tokens, spans, constants):
+def preference_loss(model, tokens, spans, constants, reference=None):
     """mlx-lm's loss protocol for a preference batch (see ``batching``).
 
     Args:
         tokens: (2B, L) chosen rows then rejected rows.
         spans: (2B, 2) completion ``[start, end)`` per row.
         constants: ``PreferenceArgs.as_constants()``.
+        reference: (2B,) precomputed reference log-probs (``reference: precomputed``).
 
     Returns:
         ``(loss, ntoks)``: the scalar float32 loss and the number of real tokens in the batch.
     """
     options = PreferenceArgs.from_constants(constants)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    loss, metrics = OBJECTIVES[options.method](model, inputs, targets, spans, options)
+    objective = OBJECTIVES[options.method]
+    if options.method == "dpo":
+        loss, metrics = objective(model, inputs, targets, spans, options, reference)
+    else:
+        loss, metrics = objective(model, inputs, targets, spans, options)
     _publish(model, mx.stop_gradient(mx.stack(metrics)))
     return loss, spans[:, 1].sum()
 

@@ -74,11 +74,14 @@ def _trained(layer) -> bool:
 
 
 def resolve_reference(model: nn.Module, strategy: str) -> str:
-    """``auto``: the initial adapter when training starts from adapter weights that were
-    already trained (``--resume-adapter-file``: DPO after SFT), else the base model."""
+    """``auto``: precomputed under full fine-tuning; the initial adapter when training
+    starts from adapter weights that were already trained (``--resume-adapter-file``: DPO
+    after SFT); else the base model."""
     if strategy != "auto":
         return strategy
     layers = adapter_layers(model)
+    if not layers:  # full fine-tuning: nothing to switch off
+        return "precomputed"
     return "initial_adapter" if any(_trained(l) for l in layers) else "adapters_off"
 
 

@@ -23,6 +23,7 @@ from mlx_lm_pref.config import (
     using_options,
 )
 from mlx_lm_pref.metrics import METRICS_FILE, append_metrics, format_metrics
+from mlx_lm_pref.precompute import run_datasets
 
 from . import function_wrapper
 from . import trainer as trainer_patches
@@ -44,19 +45,23 @@ def run(wrapped, instance, args, kwargs):
                 delattr(ns, name)
         return wrapped(*args, **kwargs)
     check_run(options, ns)
-    with using_options(options):
-        return wrapped(*args, **kwargs)
+    token = run_datasets.set(())
+    try:
+        with using_options(options):
+            return wrapped(*args, **kwargs)
+    finally:
+        run_datasets.reset(token)
 
 
 def check_run(options, ns):
     """Refuse, before anything is loaded or written, what the run could not do."""
-    live_reference = options.reference in ("auto", "adapters_off", "initial_adapter")
+    live_reference = options.reference in ("adapters_off", "initial_adapter")
     if options.needs_reference and live_reference and ns.fine_tune_type == "full":
         raise ConfigError(
             f"--loss-type {','.join(options.loss_type)} with --fine-tune-type full: the "
             f"reference ({options.reference}) comes from the LoRA adapters, and full "
-            "fine-tuning has none. Use --fine-tune-type lora (or dora), --reference none, "
-            "or a reference-free loss (--loss-type orpo or simpo)."
+            "fine-tuning has none. Use --reference precomputed (the default there), "
+            "--fine-tune-type lora (or dora), or a reference-free loss (orpo, simpo)."
         )
     pairs_per_rank = ns.batch_size // mx.distributed.init().size()
     if set(options.loss_type) & {"aot", "aot_unpaired"} and pairs_per_rank < 2:
@@ -65,6 +70,16 @@ def check_run(options, ns):
             f"batch_size {ns.batch_size} gives {pairs_per_rank} pair per rank. Use "
             "--batch-size 2 or more per rank."
         )
+
+
+def load_dataset(wrapped, instance, args, kwargs):
+    splits = wrapped(*args, **kwargs)
+    ns = kwargs["args"] if "args" in kwargs else args[0]
+    # --test scores the test split after training with training's reference, which for
+    # reference precomputed means scoring it before training too.
+    if getattr(ns, "test", False) and preference_dataset_of(splits[2]):
+        run_datasets.set((splits[2],))
+    return splits
 
 
 def evaluate_model(wrapped, instance, args, kwargs):
@@ -99,6 +114,7 @@ PATCHES = [
     ("build_parser", function_wrapper(build_parser)),
     ("CONFIG_DEFAULTS", lambda defaults: {**defaults, **config_defaults()}),
     ("run", function_wrapper(run)),
+    ("load_dataset", function_wrapper(load_dataset)),
     ("train", function_wrapper(trainer_patches.train)),
     ("evaluate", function_wrapper(trainer_patches.evaluate)),
     ("evaluate_model", function_wrapper(evaluate_model)),

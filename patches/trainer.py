@@ -21,6 +21,11 @@ from mlx_lm_pref.objective import (
     metric_names,
     preference_loss,
 )
+from mlx_lm_pref.precompute import (
+    model_fingerprint,
+    precompute_reference,
+    run_datasets,
+)
 from mlx_lm_pref.reference import (
     check_reference,
     freeze_initial_adapter,
@@ -33,8 +38,9 @@ TARGET = "mlx_lm.tuner.trainer"
 
 
 def default_loss(wrapped, instance, args, kwargs):
-    # A preference batch is (tokens, spans, options): the model makes four arguments.
-    if len(args) + len(kwargs) == 4:
+    # A preference batch is (tokens, spans, options[, reference]): with the model, four
+    # arguments or more; an SFT batch is (tokens, lengths).
+    if len(args) + len(kwargs) >= 4:
         return preference_loss(*args, **kwargs)
     return wrapped(*args, **kwargs)
 
@@ -73,9 +79,16 @@ def train(wrapped, instance, args, kwargs):
             "The training set holds preference pairs but the validation set does not."
         )
     model, options = a["model"], _resolve(a["model"], pairs.options)
-    for dataset in (a["train_dataset"], a["val_dataset"]):
-        if dataset:  # the batches carry the options: both sets score the same way
-            preference_dataset_of(dataset).options = options
+    scored_alike = [
+        preference_dataset_of(d) for d in (a["train_dataset"], a["val_dataset"]) if d
+    ]
+    scored_alike += [d for d in run_datasets.get() if d not in scored_alike]
+    for (
+        dataset
+    ) in scored_alike:  # the batches carry the options: all score the same way
+        dataset.options = options
+    if options.reference == "precomputed":
+        _precompute(model, scored_alike, options, a["args"])
     metrics_path = Path(a["args"].adapter_file).parent / METRICS_FILE
     a["training_callback"] = PreferenceReporter(
         model, metric_names(options), metrics_path, inner=a["training_callback"]
@@ -106,7 +119,23 @@ def _resolve(model, options):
     return options
 
 
+def _precompute(model, datasets, options, training_args):
+    model_hash = model_fingerprint(model)
+    for dataset in datasets:
+        status = precompute_reference(
+            model,
+            dataset,
+            options,
+            training_args.batch_size,
+            training_args.max_seq_length,
+            model_hash,
+        )
+        if mx.distributed.init().rank() == 0:
+            print(f"[mlx_lm_pref] reference log-probs of {dataset.source}: {status}")
+
+
 REFERENCE_NAMES = {
+    "precomputed": "precomputed (the model as training starts, scored once before step 1)",
     "adapters_off": "adapters_off (the base model: LoRA scales set to 0)",
     "initial_adapter": "initial_adapter (the adapter as loaded at step 0)",
     "none": "none (reference log-probs are 0)",

@@ -196,7 +196,10 @@ def test_bad_row_stops_before_anything_is_written(tiny_model, tmp_path):
             "loss_type: dpoo\n",
             "mlx_lm_pref: error: Unknown loss_type 'dpoo'. Valid values: sft, dpo, orpo, cpo, simpo",
         ),
-        ("loss_type: dpo\nfine_tune_type: full\n", "full fine-tuning has none"),
+        (
+            "loss_type: dpo\nreference: adapters_off\nfine_tune_type: full\n",
+            "full fine-tuning has none",
+        ),
         (
             "loss_type: ipo\nreference: initial_adapter\nfine_tune_type: full\n",
             "full fine-tuning has none",

@@ -14,7 +14,7 @@ TARGETS = {
     "mlx_lm.tuner.trainer": ["default_loss", "iterate_batches", "train", "evaluate"],
     "mlx_lm.tuner": ["train", "evaluate"],
     "mlx_lm.tuner.datasets": ["create_dataset", "load_local_dataset"],
-    "mlx_lm.lora": ["build_parser", "CONFIG_DEFAULTS", "run", "train", "evaluate", "evaluate_model"],
+    "mlx_lm.lora": ["build_parser", "CONFIG_DEFAULTS", "run", "load_dataset", "train", "evaluate", "evaluate_model"],
 }
 def snapshot():
     return {(m, a): getattr(importlib.import_module(m), a) for m, ats in TARGETS.items() for a in ats}
@@ -39,7 +39,7 @@ def test_import_before_mlx_lm():
         from mlx_lm_pref.patches import PreferenceWrapper, applied
         import mlx_lm.lora
         now = snapshot()
-        assert len(applied()) == len(now) == 14, applied().keys()
+        assert len(applied()) == len(now) == 15, applied().keys()
         for key, obj in now.items():
             assert applied()[".".join(key)][1] is obj, key
         assert "loss_type" in mlx_lm.lora.build_parser().parse_args(["--loss-type", "dpo"]).__dict__

@@ -1,0 +1,113 @@
+"""``reference: precomputed``: reference log-probs from one pass before training.
+
+The model as it is when training starts (the base model under a fresh adapter, the loaded
+adapter when resuming, the initial weights of full fine-tuning) scores every pair once; the
+values ride along in the batches, so no training step runs a reference forward and full
+fine-tuning gets a reference without a second copy of the weights.
+
+The values are cached on disk under ``$MLX_LM_PREF_CACHE`` (default ``~/.cache/mlx_lm_pref``)
+in ``reference/<key>.safetensors``, where the key hashes every weight of the model (adapter
+tensors and scales included), every token id and completion boundary of the pairs (so the
+tokenizer, the data, the truncation and ``max_seq_length``), and the options that change a
+log-prob (``ld_alpha``). Any change recomputes; an unchanged rerun loads.
+"""
+
+import hashlib
+import os
+from contextvars import ContextVar
+from dataclasses import replace
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+from tqdm import tqdm
+
+from .batching import iterate_eval_batches
+from .objective import sequence_logps_dpo
+from .reference import adapter_layers
+
+CACHE_VERSION = b"mlx_lm_pref reference v1"
+# Datasets of the run that training does not see but that must share its reference (the
+# test split of an mlx_lm.lora run); set by the mlx_lm.lora patches.
+run_datasets: ContextVar = ContextVar("mlx_lm_pref_run_datasets", default=())
+
+
+def cache_root() -> Path:
+    return Path(
+        os.environ.get("MLX_LM_PREF_CACHE", Path.home() / ".cache" / "mlx_lm_pref")
+    )
+
+
+def _hasher():
+    try:
+        import xxhash  # a dependency of datasets; ~10x faster than sha256 on weights
+
+        return xxhash.xxh3_128()
+    except ImportError:
+        return hashlib.blake2b(digest_size=16)
+
+
+def model_fingerprint(model) -> str:
+    """A hash of every weight and adapter scale, one tensor in host memory at a time."""
+    h = _hasher()
+    for name, array in tree_flatten(model.parameters()):
+        h.update(f"{name}:{array.dtype}:{array.shape}".encode())
+        h.update(np.array(array.reshape(-1).view(mx.uint8), copy=False).tobytes())
+    h.update(repr([layer.scale for layer in adapter_layers(model)]).encode())
+    return h.hexdigest()
+
+
+def cache_key(model_hash: str, pairs, options, max_seq_length: int) -> str:
+    h = _hasher()
+    h.update(CACHE_VERSION)
+    h.update(f"{model_hash}:{options.ld_alpha}:{max_seq_length}".encode())
+    for p in pairs:
+        h.update(np.asarray(p.chosen + [-1] + p.rejected, np.int32).tobytes())
+        h.update(f"{p.chosen_start},{p.rejected_start};".encode())
+    return h.hexdigest()
+
+
+def precompute_reference(
+    model, pairs, options, batch_size, max_seq_length, model_hash=None
+):
+    """Store reference log-probs on every pair of ``pairs`` (a PreferenceDataset).
+
+    Returns ``"loaded"`` or ``"computed"``.
+    """
+    model_hash = model_hash or model_fingerprint(model)
+    key = cache_key(model_hash, pairs, options, max_seq_length)
+    path = cache_root() / "reference" / f"{key}.safetensors"
+    if path.exists():
+        values = np.array(mx.load(str(path))["reference"])
+        status = "loaded"
+    else:
+        values = _score(model, pairs, options, batch_size, max_seq_length)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}.safetensors")
+        mx.save_safetensors(str(tmp), {"reference": mx.array(values)})
+        os.replace(tmp, path)  # never a half-written cache entry
+        status = "computed"
+    pairs._pairs = [
+        replace(p, reference=(float(c), float(r))) for p, (c, r) in zip(pairs, values)
+    ]
+    return status
+
+
+def _score(model, pairs, options, batch_size, max_seq_length) -> np.ndarray:
+    """(N, 2) reference log-probs, chosen and rejected, in dataset order."""
+    was_training = model.training
+    model.eval()
+    values = []
+    batches = iterate_eval_batches(pairs, batch_size, max_seq_length)
+    total = -(-len(pairs) // batch_size)
+    try:
+        for tokens, spans, *_ in tqdm(
+            batches, total=total, desc=f"Reference log-probs {pairs.source}"
+        ):
+            logps = sequence_logps_dpo(model, tokens, spans, options.ld_alpha)
+            b = tokens.shape[0] // 2
+            values.append(np.stack([np.array(logps[:b]), np.array(logps[b:])], axis=1))
+    finally:
+        model.train(was_training)
+    return np.concatenate(values).astype(np.float32)
