@@ -106,8 +106,9 @@ def test_trainable_non_adapter_weights_are_refused():
         check_reference(model, DPO)
 
 
-def test_initial_adapter_reference_is_the_adapter_at_step_0():
-    model, tokens, base_logits = base_and_adapted()
+@pytest.mark.parametrize("dora", [False, True])
+def test_initial_adapter_reference_is_the_adapter_at_step_0(dora):
+    model, tokens, base_logits = base_and_adapted(dora=dora)
     at_start = model(tokens)
     freeze_initial_adapter(model)
     # training moves the adapter (the optimizer replaces the arrays)
