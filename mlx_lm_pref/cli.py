@@ -12,13 +12,19 @@ def lora():
     import mlx_lm_pref  # noqa: F401  (activation)
     from mlx_lm_pref.config import ConfigError
     from mlx_lm_pref.data import DataError
+    from mlx_lm_pref.safety import NonFiniteError
 
+    # Our own errors say what to fix and what is on disk; a traceback would bury that.
     try:
         mlx_lm_lora.main()
     except (ConfigError, DataError) as e:
-        # Our own errors say what to fix; a traceback would only bury that.
         print(f"mlx_lm_pref: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteError as e:
+        print(f"mlx_lm_pref: training stopped: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)  # the trainer already said what was saved
 
 
 def main():

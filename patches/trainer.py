@@ -3,7 +3,8 @@
 ``default_loss`` and ``iterate_batches`` become preference-aware and fall through to the
 originals for SFT data. ``train`` and ``evaluate`` captured the originals as default arguments,
 so their wrappers put the patched ones in whenever the caller left the default; ``train`` also
-checks the reference and routes the metrics to mlx-lm's reports.
+picks and checks the reference, routes the metrics to mlx-lm's reports, and stops on
+non-finite values before they reach the adapter file (``safety``).
 """
 
 import inspect
@@ -31,6 +32,7 @@ from mlx_lm_pref.reference import (
     freeze_initial_adapter,
     resolve_reference,
 )
+from mlx_lm_pref.safety import RunGuard, SafeSaveModule, active_guard
 
 from . import function_wrapper
 
@@ -83,9 +85,7 @@ def train(wrapped, instance, args, kwargs):
         preference_dataset_of(d) for d in (a["train_dataset"], a["val_dataset"]) if d
     ]
     scored_alike += [d for d in run_datasets.get() if d not in scored_alike]
-    for (
-        dataset
-    ) in scored_alike:  # the batches carry the options: all score the same way
+    for dataset in scored_alike:  # the batches carry the options: all score alike
         dataset.options = options
     if options.reference == "precomputed":
         _precompute(model, scored_alike, options, a["args"])
@@ -93,10 +93,19 @@ def train(wrapped, instance, args, kwargs):
     a["training_callback"] = PreferenceReporter(
         model, metric_names(options), metrics_path, inner=a["training_callback"]
     )
+    guard = RunGuard(model, a["args"].adapter_file)
+    a["iterate_batches"] = WatchedBatches(a["iterate_batches"], guard)
     init_metric_state(model, options)
+    token = active_guard.set(guard)
     try:
         return wrapped(*bound.args, **bound.kwargs)
+    except KeyboardInterrupt:
+        print(
+            f"\n[mlx_lm_pref] Interrupted after iteration {guard.iteration}. {guard.on_disk()}"
+        )
+        raise
     finally:
+        active_guard.reset(token)
         clear_metric_state(model)
         # What --test after training needs to score as training did (plain attributes,
         # outside model.state): the reference in use and TRL's num_tokens.
@@ -134,6 +143,17 @@ def _precompute(model, datasets, options, training_args):
             print(f"[mlx_lm_pref] reference log-probs of {dataset.source}: {status}")
 
 
+class WatchedBatches:
+    """The training batch iterator, with a finiteness check between steps. Validation,
+    which train() hands the same iterator, gets ``unwatched``."""
+
+    def __init__(self, iterate_batches, guard):
+        self.unwatched, self.guard = iterate_batches, guard
+
+    def __call__(self, *args, **kwargs):
+        return self.guard.watch(self.unwatched(*args, **kwargs))
+
+
 REFERENCE_NAMES = {
     "precomputed": "precomputed (the model as training starts, scored once before step 1)",
     "adapters_off": "adapters_off (the base model: LoRA scales set to 0)",
@@ -147,6 +167,9 @@ def evaluate(wrapped, instance, args, kwargs):
     a = bound.arguments
     if preference_dataset_of(a["dataset"]) is None:
         return wrapped(*args, **kwargs)
+    a["iterate_batches"] = getattr(
+        a["iterate_batches"], "unwatched", a["iterate_batches"]
+    )
     if a["iterate_batches"] is sys.modules[TARGET].iterate_batches:
         # Evaluation walks the pairs in file order, as TRL's evaluate() does.
         a["iterate_batches"] = None
@@ -158,4 +181,6 @@ PATCHES = [
     ("iterate_batches", function_wrapper(iterate_batches)),
     ("train", function_wrapper(train)),
     ("evaluate", function_wrapper(evaluate)),
+    # train() saves with mx.save_safetensors looked up here: atomic, finite-only saves.
+    ("mx", SafeSaveModule),
 ]

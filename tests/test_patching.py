@@ -11,7 +11,7 @@ import pytest
 TARGETS = """
 import importlib
 TARGETS = {
-    "mlx_lm.tuner.trainer": ["default_loss", "iterate_batches", "train", "evaluate"],
+    "mlx_lm.tuner.trainer": ["default_loss", "iterate_batches", "train", "evaluate", "mx"],
     "mlx_lm.tuner": ["train", "evaluate"],
     "mlx_lm.tuner.datasets": ["create_dataset", "load_local_dataset"],
     "mlx_lm.lora": ["build_parser", "CONFIG_DEFAULTS", "run", "load_dataset", "train", "evaluate", "evaluate_model"],
@@ -39,7 +39,7 @@ def test_import_before_mlx_lm():
         from mlx_lm_pref.patches import PreferenceWrapper, applied
         import mlx_lm.lora
         now = snapshot()
-        assert len(applied()) == len(now) == 15, applied().keys()
+        assert len(applied()) == len(now) == 16, applied().keys()
         for key, obj in now.items():
             assert applied()[".".join(key)][1] is obj, key
         assert "loss_type" in mlx_lm.lora.build_parser().parse_args(["--loss-type", "dpo"]).__dict__

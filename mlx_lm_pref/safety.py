@@ -1,0 +1,93 @@
+"""Preference training that fails safe: non-finite values stop it before they are saved,
+adapter files are replaced atomically, and Ctrl-C says what is on disk.
+
+mlx-lm's ``train`` saves with ``mx.save_safetensors`` looked up in its module; the patch table
+points that module's ``mx`` at ``SafeSaveModule``, which is ``mlx.core`` except that saves go
+to a temporary file renamed over the target (an interrupted save leaves the old file whole) and,
+while a preference run is in progress, refuse non-finite weights.
+"""
+
+import os
+from contextvars import ContextVar
+from pathlib import Path
+
+import mlx.core as mx
+import wrapt
+
+
+class NonFiniteError(FloatingPointError):
+    pass
+
+
+class RunGuard:
+    """What a preference training run in progress knows about its own safety."""
+
+    def __init__(self, model, adapter_file):
+        self.model = model
+        self.adapter_file = Path(adapter_file)
+        self.iteration = 0  # training steps completed
+        self.saved_at = None  # the iteration whose weights adapter_file holds
+
+    def check_step(self):
+        """After a step: its loss and metrics must be finite (one scalar read per step,
+        after mlx-lm's own mx.eval of the step)."""
+        if not mx.all(mx.isfinite(self.model._pref_metrics)).item():
+            raise NonFiniteError(
+                f"iteration {self.iteration}: the loss or a metric is not finite "
+                f"({self._metrics()}). {self.on_disk()} Lower the learning rate, check the "
+                "data of this step, or use float32 weights."
+            )
+
+    def _metrics(self):
+        return ", ".join(f"{v:.4g}" for v in self.model._pref_metrics.tolist())
+
+    def on_disk(self) -> str:
+        if self.saved_at is None:
+            return "No adapter was saved by this run."
+        return f"{self.adapter_file} holds the weights of iteration {self.saved_at}, intact."
+
+    def watch(self, batches):
+        """Pass mlx-lm's batches through, checking each finished step before the next."""
+        for batch in batches:
+            if self.iteration:
+                self.check_step()
+            self.iteration += 1  # the step about to run (and save)
+            yield batch
+
+
+active_guard: ContextVar = ContextVar("mlx_lm_pref_guard", default=None)
+
+
+def atomic_save_safetensors(path, arrays, metadata=None):
+    """``mx.save_safetensors`` through a temporary file and a rename."""
+    path = str(path)
+    if not path.endswith(".safetensors"):
+        path += ".safetensors"  # as mx.save_safetensors names it
+    tmp = f"{path}.tmp{os.getpid()}.safetensors"
+    try:
+        if metadata is None:
+            mx.save_safetensors(tmp, arrays)
+        else:
+            mx.save_safetensors(tmp, arrays, metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class SafeSaveModule(wrapt.ObjectProxy):
+    """``mlx.core`` for mlx-lm's trainer module, with a safe ``save_safetensors``."""
+
+    def save_safetensors(self, file, arrays, metadata=None):
+        guard = active_guard.get()
+        if guard is not None:
+            bad = [k for k, v in arrays.items() if not mx.all(mx.isfinite(v)).item()]
+            if bad:
+                raise NonFiniteError(
+                    f"iteration {guard.iteration}: {len(bad)} adapter tensors are not "
+                    f"finite ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); not "
+                    f"saved. {guard.on_disk()}"
+                )
+        atomic_save_safetensors(file, arrays, metadata)
+        if guard is not None and Path(file) == guard.adapter_file:
+            guard.saved_at = guard.iteration
