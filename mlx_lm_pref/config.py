@@ -161,6 +161,14 @@ class PreferenceArgs:
             "choices": TRUNCATION_MODES,
         },
     )
+    identical_pairs: str = field(
+        default="keep",
+        metadata={
+            "help": "Pairs whose chosen equals rejected teach nothing; they are counted and "
+            "reported, and kept (as TRL does) or dropped.",
+            "choices": ("keep", "drop"),
+        },
+    )
     reference: str = field(
         default="auto",
         metadata={

@@ -39,6 +39,7 @@ Every row is checked before anything is tokenized; a bad row raises ``DataError`
 source (file), the line and the field.
 """
 
+import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,10 +124,27 @@ def extract_prompt(chosen, rejected) -> tuple:
     return chosen[:idx], chosen[idx:], rejected[idx:]
 
 
+FIELDS = ("prompt", "chosen", "rejected", "tools", "chat_template_kwargs")
+ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
+
+
+def _close(name, known):
+    return difflib.get_close_matches(name, known, n=1, cutoff=0.85)
+
+
 def _check_row(row, where: str) -> tuple:
     """Validate one row and return ``(prompt, chosen, rejected, conversational)``."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}.")
+    for key in row:
+        # Extra columns are fine ('id', 'score_chosen', ...), a misspelt field is not: a
+        # 'promt' would silently turn into an implicit prompt.
+        guess = _close(key, FIELDS) if key not in FIELDS else None
+        if guess:
+            raise DataError(
+                f"{where}: field '{key}' is not a preference field; did you mean "
+                f"'{guess[0]}'?"
+            )
     for key in ("chosen", "rejected"):
         if key not in row:
             raise DataError(
@@ -156,8 +174,16 @@ def _check_field(value, name: str, conversational: bool, where: str, allow_empty
                 f"got {type(value).__name__}."
             )
         for i, message in enumerate(value):
-            if not isinstance(message.get("role"), str):
+            role = message.get("role")
+            if not isinstance(role, str):
                 raise DataError(f"{where}: field '{name}'[{i}] has no 'role'.")
+            if role not in ROLES:
+                guess = _close(role, ROLES)
+                hint = f"did you mean '{guess[0]}'? " if guess else ""
+                raise DataError(
+                    f"{where}: field '{name}'[{i}] has unknown role '{role}'; {hint}"
+                    f"roles are {', '.join(ROLES)}."
+                )
             if not isinstance(message.get("content"), str):
                 raise DataError(
                     f"{where}: field '{name}'[{i}] 'content' must be a string, "
@@ -389,9 +415,21 @@ class PreferenceDataset:
         for i, row in enumerate(rows):
             where = f"{source}:{lines[i] if lines else i + 1}"
             checked.append((where, row, _check_row(row, where)))
+            if checked[-1][2][3] != checked[0][2][3]:
+                kinds = {True: "conversational", False: "standard"}
+                raise DataError(
+                    f"{where}: the row is {kinds[checked[-1][2][3]]} but {checked[0][0]} "
+                    f"is {kinds[checked[0][2][3]]}; one dataset, one format."
+                )
         self._pairs = []
         self.dropped = 0
+        self.identical = 0
         for where, row, (prompt, chosen, rejected, conversational) in checked:
+            if chosen == rejected:
+                # No preference to learn (DPO's gradient cancels); TRL trains on them.
+                self.identical += 1
+                if options.identical_pairs == "drop":
+                    continue
             try:
                 pair = tokenize(
                     tokenizer, prompt, chosen, rejected, conversational, row
@@ -408,6 +446,12 @@ class PreferenceDataset:
             print(
                 f"[mlx_lm_pref] {source}: dropped {self.dropped} of {len(checked)} pairs "
                 f"whose prompt alone reaches max_seq_length={max_seq_length}."
+            )
+        if self.identical:
+            done = "dropped" if options.identical_pairs == "drop" else "kept"
+            print(
+                f"[mlx_lm_pref] {source}: {self.identical} of {len(checked)} pairs have "
+                f"chosen identical to rejected ({done}; identical_pairs: keep|drop)."
             )
 
     def __getitem__(self, idx: int) -> Pair:

@@ -67,6 +67,22 @@ def load(tmp_path, tokenizer, lines):
             },
             r"train.jsonl:3: field 'rejected' must be a list of messages \(the row is conversational\), got str",
         ),
+        (
+            {"promt": "Is it?", "chosen": " Yes.", "rejected": " No."},
+            r"train.jsonl:3: field 'promt' is not a preference field; did you mean 'prompt'\?",
+        ),
+        (
+            {"prompt": "Is it?", "chosen": " Yes.", "rejeced": " No."},
+            r"train.jsonl:3: field 'rejeced' is not a preference field; did you mean 'rejected'\?",
+        ),
+        (
+            {
+                "prompt": [MSG("usr", "hi")],
+                "chosen": [MSG("assistant", "a")],
+                "rejected": [MSG("assistant", "b")],
+            },
+            r"train.jsonl:3: field 'prompt'\[0\] has unknown role 'usr'; did you mean 'user'\?",
+        ),
     ],
 )
 def test_bad_rows_name_file_line_and_field(tmp_path, tokenizer, bad, message):
@@ -435,3 +451,46 @@ def test_keep_end_drops_nothing_keep_start_drops_full_prompts(tokenizer):
     assert pair.chosen[pair.chosen_start :] == full.chosen[full.chosen_start :]
     ds = PreferenceDataset(rows, tokenizer, DPO, max_seq_length=16)
     assert len(ds) == 1 and ds.dropped == 1
+
+
+def test_extra_columns_are_fine(tmp_path, tokenizer):
+    row = {**GOOD, "id": 7, "prompt_id": "abc", "score_chosen": 9.0, "source": "x"}
+    assert len(load(tmp_path, tokenizer, [row])) == 1
+
+
+def test_mixed_formats_in_one_file(tmp_path, tokenizer):
+    chat = {
+        "prompt": [MSG("user", "hi")],
+        "chosen": [MSG("assistant", "a")],
+        "rejected": [MSG("assistant", "b")],
+    }
+    with pytest.raises(
+        DataError,
+        match=r"train.jsonl:2: the row is conversational but .*train.jsonl:1 is standard",
+    ):
+        load(tmp_path, tokenizer, [GOOD, chat])
+
+
+@pytest.mark.parametrize("policy,kept", [("keep", 3), ("drop", 2)])
+def test_identical_pairs_are_counted_and_kept_or_dropped(
+    tmp_path, tokenizer, capsys, policy, kept
+):
+    path = tmp_path / "train.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps(r) + "\n"
+            for r in [GOOD, {**GOOD, "rejected": GOOD["chosen"]}, GOOD]
+        )
+    )
+    rows, lines = read_jsonl(path)
+    ds = PreferenceDataset(
+        rows,
+        tokenizer,
+        PreferenceArgs(loss_type="dpo", identical_pairs=policy),
+        lines=lines,
+    )
+    assert len(ds) == kept and ds.identical == 1
+    assert (
+        f"1 of 3 pairs have chosen identical to rejected ({dict(keep='kept', drop='dropped')[policy]};"
+        in capsys.readouterr().out
+    )
