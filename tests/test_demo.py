@@ -1,0 +1,122 @@
+"""``mlx_lm_pref demo``: the task's guarantees, the BLAS choice, and the quick demo end to end
+in subprocesses (model build included), which must show the improvement it was designed for.
+"""
+
+import json
+import os
+import sys
+
+import pytest
+from conftest import read_metrics, run_cli
+
+from mlx_lm_pref import demo
+from mlx_lm_pref import demo_task as task
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_held_out_prompts_are_never_trained_on(tmp_path):
+    held = {p.text for p in task.held_out_prompts()}
+    sft = task.sft_rows(task.SFT["rows"], seed=task.SFT["data_seed"])
+    sft_prompts = {row["messages"][0]["content"] for row in sft}
+    data = task.write_preference_data(tmp_path / "data")
+    pairs = read_jsonl(data / "train.jsonl") + read_jsonl(data / "valid.jsonl")
+    pair_prompts = {row["prompt"][0]["content"] for row in pairs}
+    assert held and sft_prompts and pair_prompts
+    assert not held & sft_prompts and not held & pair_prompts
+
+
+def test_held_out_prompts_keep_templates_balanced():
+    for per_template in (1, 5, task.HELD_OUT_PER_TEMPLATE):
+        prompts = task.held_out_prompts(per_template)
+        counts = [
+            sum(p.template == t for p in prompts) for t in range(len(task.REQUESTS))
+        ]
+        assert counts == [per_template] * len(task.REQUESTS)
+
+
+def test_judge():
+    p = task.Prompt(template=3, obj="red key")
+    assert task.judge(p, "Of course! Here is the red key.")
+    assert task.judge(p, " Sure, here is the red key. Enjoy!")
+    assert not task.judge(p, "Ugh. Get the red key yourself.")
+    assert not task.judge(p, "Of course! Here is the blue key.")  # wrong object
+    assert not task.judge(
+        p, "Of course! Get the red key yourself."
+    )  # polite, then rude
+
+
+def test_preference_pairs_differ_in_tone_only():
+    objects = {p.obj for p in task.all_prompts()}
+    for row in task.preference_rows(64, seed=3):
+        text = row["prompt"][0]["content"]
+        (obj,) = [o for o in objects if f"the {o}" in text]
+        prompt = task.Prompt(template=0, obj=obj)
+        chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
+        assert task.judge(prompt, chosen) and not task.judge(prompt, rejected)
+        assert f"the {obj}" in rejected
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="LD_PRELOAD is Linux's")
+def test_openblas_is_preloaded_only_when_nothing_else_is(tmp_path):
+    library = tmp_path / "libopenblas.so.0"
+    assert demo.openblas_preload({}, library) is None  # not installed
+    library.touch()
+    assert demo.openblas_preload({}, library) == str(library)
+    # A user's own LD_PRELOAD (even an empty one) is left alone, and so is an opt-out.
+    assert demo.openblas_preload({"LD_PRELOAD": ""}, library) is None
+    assert demo.openblas_preload({"LD_PRELOAD": "/x/libfoo.so"}, library) is None
+    assert demo.openblas_preload({demo.NO_OPENBLAS: "1"}, library) is None
+
+
+@pytest.fixture(scope="module")
+def demo_cache(tmp_path_factory):
+    """One model cache for the module: the first demo run builds the model into it."""
+    cache = tmp_path_factory.mktemp("demo_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLX_LM_PREF_CACHE", str(cache))
+        yield cache
+
+
+@pytest.mark.parametrize("loss_type", ["dpo", "orpo"])
+def test_quick_demo_makes_the_model_polite(demo_cache, tmp_path, loss_type):
+    out = tmp_path / "out"
+    out.mkdir()
+    # A previous run's metrics must not leak into this one's (mlx_lm_pref appends).
+    (out / "metrics.jsonl").write_text('{"split": "stale"}\n')
+
+    proc = run_cli(
+        "demo", "--quick", "--loss-type", loss_type, "--out", out, cwd=tmp_path
+    )
+
+    summary = json.loads((out / "summary.json").read_text())
+    before, after = summary["success_before"], summary["success_after"]
+    log = proc.stdout
+    # The base model mirrors the user's tone: polite on the 3 polite templates out of 7.
+    assert 0.25 <= before <= 0.6, log[-3000:]
+    assert after >= before + 0.3, log[-3000:]
+    val_before, val_after = summary["val_before"], summary["val_after"]
+    assert val_after["rewards/accuracies"] >= val_before["rewards/accuracies"]
+    assert val_after["rewards/margins"] > val_before["rewards/margins"]
+
+    assert (demo_cache / task.MODEL_NAME / task.WEIGHTS).exists()
+    assert (out / "adapters.safetensors").exists()
+    metrics = read_metrics(out)
+    assert {m["split"] for m in metrics} == {"train", "val"}
+    assert max(m["iteration"] for m in metrics) == demo.MODES["quick"]["iters"]
+
+    # The demo restarts itself with OpenBLAS where it can, and keeps a user's LD_PRELOAD.
+    preloaded = "openblas" in os.environ.get("LD_PRELOAD", "")
+    expected = preloaded or demo.openblas_preload(os.environ) is not None
+    assert summary["blas"].startswith("OpenBLAS") == expected, summary["blas"]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert summary["chart"] is None and "matplotlib" in summary["chart_skipped"]
+        assert "chart.png" in log
+    else:
+        assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert summary["chart"] == str(out / "chart.png")
+    assert "held-out success rate" in log
