@@ -321,15 +321,20 @@ def evaluate_preference(
     progress_callback=None,
 ):
     """mlx-lm's ``evaluate`` for preference data, averaged as TRL's ``evaluate()``: each
-    metric is the mean of its per-batch values, the loss is weighted by pairs."""
+    metric is the mean of its per-batch values, the loss is weighted by pairs.
+
+    Distributed, the i-th batch of every rank is part of the same global batch i (see
+    ``batching.iterate_eval_batches``): the ranks' values are combined per batch index,
+    pair-weighted, into that global batch's value before the mean over batches, so a metric
+    that is a mean over pairs comes out as in a single process, ragged last batch included.
+    """
     from .batching import iterate_eval_batches, preference_dataset_of
 
     loss = loss or preference_loss
     iterate_batches = iterate_batches or iterate_eval_batches
     names = metric_names(preference_dataset_of(dataset).options)
     model.eval()
-    sums = mx.zeros((len(names),))
-    loss_sum, pairs, batches = mx.array(0.0), mx.array(0.0), mx.array(0.0)
+    rows = []  # per batch: the metrics times the batch's pairs, then the pairs
     batch_iter = iterate_batches(
         dataset=dataset,
         batch_size=batch_size,
@@ -341,20 +346,24 @@ def evaluate_preference(
             break
         loss(model, *batch)
         b = batch[0].shape[0] // 2
-        sums = sums + model._pref_metrics
-        loss_sum = loss_sum + model._pref_metrics[0] * b
-        pairs, batches = pairs + b, batches + 1
-        mx.eval(sums, loss_sum, pairs, batches)
+        rows.append(mx.concatenate([model._pref_metrics * b, mx.array([float(b)])]))
+        mx.eval(rows[-1])
         if clear_cache_threshold and mx.get_cache_memory() > clear_cache_threshold:
             mx.clear_cache()
         if progress_callback is not None:
             progress_callback()
-    totals = mx.distributed.all_sum(
-        mx.concatenate([sums, mx.stack([loss_sum, pairs, batches])]), stream=mx.cpu
-    ).tolist()
     k = len(names)
-    metrics = {name: v / totals[k + 2] for name, v in zip(names, totals[:k])}
-    metrics["loss"] = totals[k] / totals[k + 1]
+    # A rank may hold one batch fewer (a ragged last batch): pad with zero rows.
+    count = int(mx.distributed.all_max(mx.array([len(rows)]), stream=mx.cpu).item())
+    if count == 0:  # nothing evaluated (num_batches 0): NaN, as mlx-lm's evaluate
+        return EvalResult({name: float("nan") for name in names})
+    rows += [mx.zeros((k + 1,))] * (count - len(rows))
+    totals = mx.distributed.all_sum(mx.stack(rows), stream=mx.cpu)
+    pairs = totals[:, k]
+    per_batch = totals[:, :k] / pairs[:, None]
+    values = per_batch.mean(axis=0).tolist()
+    metrics = dict(zip(names, values))
+    metrics["loss"] = (totals[:, 0].sum() / pairs.sum()).item()
     if "num_tokens" in metrics:  # a training count: the reporter fills it in
         metrics["num_tokens"] = 0.0
     return EvalResult(metrics)

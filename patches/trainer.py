@@ -90,6 +90,9 @@ def train(wrapped, instance, args, kwargs):
     if options.reference == "precomputed":
         _precompute(model, scored_alike, options, a["args"])
     metrics_path = Path(a["args"].adapter_file).parent / METRICS_FILE
+    if mx.distributed.init().rank() == 0:
+        # A training run starts its own record, as it overwrites adapters.safetensors.
+        metrics_path.unlink(missing_ok=True)
     a["training_callback"] = PreferenceReporter(
         model, metric_names(options), metrics_path, inner=a["training_callback"]
     )
