@@ -161,6 +161,15 @@ class PreferenceArgs:
             "choices": TRUNCATION_MODES,
         },
     )
+    on_nonfinite: str = field(
+        default="stop",
+        metadata={
+            "help": "A non-finite loss or gradient: stop training, naming the iteration and "
+            "leaving the last saved adapter intact, or skip that update (parameters and "
+            "optimizer state unchanged) and go on.",
+            "choices": ("stop", "skip"),
+        },
+    )
     identical_pairs: str = field(
         default="keep",
         metadata={

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import wrapt
+from mlx.utils import tree_flatten, tree_map
 
 
 class NonFiniteError(FloatingPointError):
@@ -22,16 +23,25 @@ class NonFiniteError(FloatingPointError):
 class RunGuard:
     """What a preference training run in progress knows about its own safety."""
 
-    def __init__(self, model, adapter_file):
+    def __init__(self, model, adapter_file, skip=False):
         self.model = model
         self.adapter_file = Path(adapter_file)
+        self.skip = skip
         self.iteration = 0  # training steps completed
         self.saved_at = None  # the iteration whose weights adapter_file holds
+        self.skipped = []
 
     def check_step(self):
         """After a step: its loss and metrics must be finite (one scalar read per step,
         after mlx-lm's own mx.eval of the step)."""
         if not mx.all(mx.isfinite(self.model._pref_metrics)).item():
+            if self.skip:  # the update itself was dropped in the graph (skip_nonfinite)
+                self.skipped.append(self.iteration)
+                print(
+                    f"[mlx_lm_pref] iteration {self.iteration}: non-finite loss or "
+                    "gradient, update skipped."
+                )
+                return
             raise NonFiniteError(
                 f"iteration {self.iteration}: the loss or a metric is not finite "
                 f"({self._metrics()}). {self.on_disk()} Lower the learning rate, check the "
@@ -91,3 +101,37 @@ class SafeSaveModule(wrapt.ObjectProxy):
         atomic_save_safetensors(file, arrays, metadata)
         if guard is not None and Path(file) == guard.adapter_file:
             guard.saved_at = guard.iteration
+
+
+def skip_nonfinite(optimizer):
+    """Make ``optimizer.update`` a no-op, inside the compiled step, whenever a gradient is
+    not finite: parameters and optimizer state (moments, step count) stay as they were.
+
+    Returns a function that puts the optimizer's own ``update`` back.
+    """
+    apply_gradients = optimizer.apply_gradients
+
+    def update(model, gradients):
+        if not optimizer._initialized:
+            optimizer.init(gradients)
+        leaves = [g for _, g in tree_flatten(gradients)]
+        ok = mx.all(mx.stack([mx.all(mx.isfinite(g)) for g in leaves]))
+        before = tree_map(lambda g, p: p, gradients, model.trainable_parameters())
+        state_before = tree_map(lambda x: x, optimizer.state)
+        updated = apply_gradients(gradients, model)
+        model.update(tree_map(lambda new, old: mx.where(ok, new, old), updated, before))
+        _keep_where(ok, optimizer.state, state_before)
+
+    optimizer.update = update
+    return lambda: optimizer.__dict__.pop("update", None)
+
+
+def _keep_where(ok, state, before):
+    """state[k] = where(ok, state[k], before[k]), in place (mlx-lm's compiled step holds
+    these very dicts)."""
+    items = state.items() if isinstance(state, dict) else enumerate(state)
+    for k, v in list(items):
+        if isinstance(v, mx.array):
+            state[k] = mx.where(ok, v, before[k])
+        elif isinstance(v, (dict, list)):
+            _keep_where(ok, v, before[k])

@@ -32,7 +32,12 @@ from mlx_lm_pref.reference import (
     freeze_initial_adapter,
     resolve_reference,
 )
-from mlx_lm_pref.safety import RunGuard, SafeSaveModule, active_guard
+from mlx_lm_pref.safety import (
+    RunGuard,
+    SafeSaveModule,
+    active_guard,
+    skip_nonfinite,
+)
 
 from . import function_wrapper
 
@@ -96,8 +101,9 @@ def train(wrapped, instance, args, kwargs):
     a["training_callback"] = PreferenceReporter(
         model, metric_names(options), metrics_path, inner=a["training_callback"]
     )
-    guard = RunGuard(model, a["args"].adapter_file)
+    guard = RunGuard(model, a["args"].adapter_file, skip=options.on_nonfinite == "skip")
     a["iterate_batches"] = WatchedBatches(a["iterate_batches"], guard)
+    restore_optimizer = skip_nonfinite(a["optimizer"]) if guard.skip else (lambda: None)
     init_metric_state(model, options)
     token = active_guard.set(guard)
     try:
@@ -109,6 +115,7 @@ def train(wrapped, instance, args, kwargs):
         raise
     finally:
         active_guard.reset(token)
+        restore_optimizer()
         clear_metric_state(model)
         # What --test after training needs to score as training did (plain attributes,
         # outside model.state): the reference in use and TRL's num_tokens.

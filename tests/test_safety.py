@@ -152,3 +152,35 @@ def test_ctrl_c_ends_cleanly_saying_what_was_saved(tiny_model, tmp_path):
     assert "[mlx_lm_pref] Interrupted after iteration" in output
     assert "adapters.safetensors holds the weights of iteration" in output
     assert mx.load(str(out / "adapters.safetensors"))  # whole and loadable
+
+
+def test_skip_mode_drops_non_finite_updates_and_goes_on(tiny_model, tmp_path):
+    data = write_data(tmp_path / "data")
+    out = tmp_path / "out"
+    # After step 1 every step overflows: each of those updates must leave the weights alone.
+    proc = run_cli(
+        "lora",
+        "--model",
+        tiny_model,
+        "--data",
+        data,
+        "--adapter-path",
+        out,
+        "--learning-rate",
+        "1e30",
+        "--save-every",
+        "1",
+        "--iters",
+        "5",
+        "--on-nonfinite",
+        "skip",
+        *TRAIN,
+    )
+    for it in (2, 3, 4):
+        assert (
+            f"iteration {it}: non-finite loss or gradient, update skipped"
+            in proc.stdout
+        )
+    first = (out / "0000001_adapters.safetensors").read_bytes()
+    assert (out / "0000005_adapters.safetensors").read_bytes() == first
+    assert (out / "adapters.safetensors").read_bytes() == first
