@@ -14,6 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 log_sigmoid = nn.log_sigmoid
+FLOAT32_TINY = 1.1754943508222875e-38  # the smallest normal float32
 
 
 @dataclass
@@ -52,8 +53,8 @@ def f_divergence_scores(logratios: mx.array, kind: str, alpha: float) -> mx.arra
     """f'(pi/pi_ref) for f-DPO (Wang et al. 2023, table 1), as a function of log-ratios."""
     if kind == "reverse_kl" or (kind == "alpha_divergence" and abs(alpha - 1) < 1e-6):
         return logratios
-    if kind == "forward_kl":  # f'(t) = 1 - 1/t
-        return 1 - mx.exp(-logratios)
+    if kind == "forward_kl":  # f'(t) = 1 - 1/t; clamped like alpha_divergence below
+        return 1 - mx.exp(mx.minimum(-logratios, 80.0))
     if kind == "js_divergence":  # f'(t) = log(2t / (t + 1))
         return math.log(2) + log_sigmoid(logratios)
     if kind == "alpha_divergence":  # f'(t) = (t^(a-1) - 1) / (a - 1)
@@ -158,7 +159,8 @@ def discopop(t, beta, eps, tau):
     """DiscoPOP, Chris Lu et al. 2024, eq. 5: log-ratio-modulated logistic/exponential."""
     z = beta * t.delta
     m = mx.sigmoid(z / tau)
-    return -log_sigmoid(z) * (1 - m) + mx.exp(-z) * m
+    # exp(-z) * m, as one exp: no inf * 0 when z is very negative
+    return -log_sigmoid(z) * (1 - m) + mx.exp(-z + log_sigmoid(z / tau))
 
 
 def sft(t, beta, eps, tau):
@@ -221,6 +223,9 @@ def log1mexp(x: mx.array) -> mx.array:
     Each branch only ever sees inputs from its own range, so the branch that ``where``
     discards cannot put inf or NaN into the gradient.
     """
+    # x = 0 exactly (every completion token at p = 1 in float32) would give -inf and a NaN
+    # gradient, as in TRL; the smallest float32 step below 0 changes nothing else.
+    x = mx.minimum(x, -FLOAT32_TINY)
     near_zero = x > -math.log(2.0)
     x_small = mx.where(near_zero, x, -1.0)
     x_large = mx.where(near_zero, -1.0, x)

@@ -102,9 +102,9 @@ def _score(model, pairs, options, batch_size, max_seq_length) -> np.ndarray:
     batches = iterate_eval_batches(pairs, batch_size, max_seq_length)
     total = -(-len(pairs) // batch_size)
     try:
-        for tokens, spans, *_ in tqdm(
-            batches, total=total, desc=f"Reference log-probs {pairs.source}"
-        ):
+        desc = f"Reference log-probs {pairs.source}"
+        quiet = mx.distributed.init().rank() != 0  # every rank scores; one bar
+        for tokens, spans, *_ in tqdm(batches, total=total, desc=desc, disable=quiet):
             logps = sequence_logps_dpo(model, tokens, spans, options.ld_alpha)
             b = tokens.shape[0] // 2
             values.append(np.stack([np.array(logps[:b]), np.array(logps[b:])], axis=1))

@@ -185,7 +185,10 @@ def test_bad_row_stops_before_anything_is_written(tiny_model, tmp_path):
         check=False,
     )
     assert proc.returncode != 0
-    assert f"{data / 'valid.jsonl'}:2: field 'rejeced' is not a preference field; did you mean 'rejected'?" in proc.stderr
+    assert (
+        f"{data / 'valid.jsonl'}:2: field 'rejeced' is not a preference field; did you mean 'rejected'?"
+        in proc.stderr
+    )
     assert not (tmp_path / "out").exists()
 
 

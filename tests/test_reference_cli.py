@@ -5,7 +5,16 @@ import math
 
 from conftest import make_rows, read_metrics, run_cli, write_data, write_jsonl
 
-COMMON = ["--batch-size", "4", "--num-layers", "2", "--learning-rate", "1e-3", "--seed", "0"]
+COMMON = [
+    "--batch-size",
+    "4",
+    "--num-layers",
+    "2",
+    "--learning-rate",
+    "1e-3",
+    "--seed",
+    "0",
+]
 
 
 def test_resume_from_sft_adapter(tiny_model, tmp_path):
@@ -13,16 +22,48 @@ def test_resume_from_sft_adapter(tiny_model, tmp_path):
     rows = [{"text": r["prompt"] + r["chosen"]} for r in make_rows(64, 9)]
     for split in ("train", "valid"):
         write_jsonl(sft / f"{split}.jsonl", rows)
-    run_cli("lora", "--model", tiny_model, "--train", "--data", sft, "--iters", "30",
-            "--adapter-path", tmp_path / "sft_adapter", *COMMON)
+    run_cli(
+        "lora",
+        "--model",
+        tiny_model,
+        "--train",
+        "--data",
+        sft,
+        "--iters",
+        "30",
+        "--adapter-path",
+        tmp_path / "sft_adapter",
+        *COMMON,
+    )
     data = write_data(tmp_path / "prefs")
-    resume = ["--resume-adapter-file", tmp_path / "sft_adapter" / "adapters.safetensors"]
+    resume = [
+        "--resume-adapter-file",
+        tmp_path / "sft_adapter" / "adapters.safetensors",
+    ]
 
     def first_val(*extra):
         out = tmp_path / ("dpo" + "_".join(map(str, extra)))
-        proc = run_cli("lora", "--model", tiny_model, "--train", "--data", data, "--loss-type", "dpo",
-                       "--iters", "2", "--steps-per-eval", "2", "--val-batches", "-1",
-                       "--adapter-path", out, *resume, *COMMON, *extra)
+        proc = run_cli(
+            "lora",
+            "--model",
+            tiny_model,
+            "--train",
+            "--data",
+            data,
+            "--loss-type",
+            "dpo",
+            "--iters",
+            "2",
+            "--steps-per-eval",
+            "2",
+            "--val-batches",
+            "-1",
+            "--adapter-path",
+            out,
+            *resume,
+            *COMMON,
+            *extra,
+        )
         return proc.stdout, [m for m in read_metrics(out) if m["split"] == "val"][0]
 
     stdout, auto = first_val()

@@ -1,0 +1,144 @@
+"""Data-parallel training through mlx-lm's own distributed path: ``mlx.launch -n 2 --backend
+ring`` on this machine (two ranks over 127.0.0.1) against one process with the same global
+batch size.
+
+With S ranks and ``--batch-size B`` each rank scores B/S pairs of the same global batch (a pair
+never splits), mlx-lm averages the gradients (``average_gradients``) and the reporter
+all-sums the metrics. For a loss that is a mean over pairs (DPO's sigmoid here) the mean of
+the per-rank means is the global mean, so the updates, and every metric that is a mean over
+pairs, equal the single-process ones. Metrics that are token-weighted means within a batch
+(``logits/*``, ``entropy``, ``mean_token_accuracy``) are averaged per rank first and are
+only close, not equal.
+"""
+
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import read_metrics, run_cli, write_data
+
+# Means over pairs, or counts: equal to the single-process values.
+EXACT = [
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "num_tokens",
+]
+# Means over the completion tokens of a batch: with several ranks, a mean of per-rank means.
+TOKEN_WEIGHTED = ["logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy"]
+
+ARGS = [
+    "--train",
+    "--loss-type",
+    "dpo",
+    "--iters",
+    "4",
+    "--batch-size",
+    "4",
+    "--num-layers",
+    "2",
+    "--learning-rate",
+    "1e-3",
+    "--steps-per-report",
+    "1",
+    "--steps-per-eval",
+    "2",
+    "--val-batches",
+    "-1",
+    "--seed",
+    "0",
+]
+
+
+def free_port_pair():
+    """A port p with p and p + 1 free (the ring backend listens on one port per rank)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no two consecutive free ports")
+
+
+def launch(ranks, *args, timeout=300):
+    """``mlx.launch -n <ranks> --backend ring -- python -m mlx_lm_pref ...`` on 127.0.0.1."""
+    launcher = Path(sys.executable).parent / "mlx.launch"
+    assert launcher.exists(), "mlx's mlx.launch console script is not installed"
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    proc = subprocess.run(
+        [
+            str(launcher),
+            "-n",
+            str(ranks),
+            "--backend",
+            "ring",
+            "--starting-port",
+            str(free_port_pair()),
+            "--",
+            sys.executable,
+            "-m",
+            "mlx_lm_pref",
+            *map(str, args),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+def test_two_ranks_equal_one_process_with_the_same_global_batch(tiny_model, tmp_path):
+    # 17 validation pairs in batches of 4: the last global batch holds one pair, which only
+    # rank 0 gets (rank 1 evaluates one batch fewer).
+    data = write_data(tmp_path / "data", n_train=64, n_valid=17)
+    common = ["lora", "--model", tiny_model, "--data", data, *ARGS]
+    run_cli(*common, "--adapter-path", tmp_path / "single")
+    proc = launch(2, *common, "--adapter-path", tmp_path / "ranks")
+    # rank 0 alone writes and prints the preference lines
+    assert proc.stdout.count("[mlx_lm_pref] dpo reference") == 1
+
+    single, ranks = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "ranks")
+    assert [(m["split"], m["iteration"]) for m in ranks] == [
+        (m["split"], m["iteration"]) for m in single
+    ]
+    assert [m["iteration"] for m in single if m["split"] == "val"] == [0, 1, 3]
+    assert len([m for m in single if m["split"] == "train"]) == 4
+    for a, b in zip(single, ranks):
+        where = (a["split"], a["iteration"])
+        for name in EXACT:
+            assert b[name] == pytest.approx(a[name], rel=1e-6, abs=1e-5), (where, name)
+        for name in TOKEN_WEIGHTED:  # the same quantity, weighted per rank
+            assert math.isfinite(b[name])
+            assert b[name] == pytest.approx(a[name], rel=0.1, abs=0.02), (where, name)
+    assert single[-1]["rewards/margins"] > 0.5  # training moved: not a trivial equality
+
+    # the same updates: the saved adapters agree
+    a = mx.load(str(tmp_path / "single" / "adapters.safetensors"))
+    b = mx.load(str(tmp_path / "ranks" / "adapters.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_allclose(
+            np.array(b[key]), np.array(a[key]), rtol=1e-4, atol=1e-6, err_msg=key
+        )
