@@ -494,3 +494,21 @@ def test_identical_pairs_are_counted_and_kept_or_dropped(
         f"1 of 3 pairs have chosen identical to rejected ({dict(keep='kept', drop='dropped')[policy]};"
         in capsys.readouterr().out
     )
+
+
+def test_conversational_rows_need_a_chat_template(tmp_path, tokenizer):
+    hf = tokenizer._tokenizer
+    template, hf.chat_template = hf.chat_template, None
+    try:
+        chat = {
+            "prompt": [MSG("user", "hi")],
+            "chosen": [MSG("assistant", "a")],
+            "rejected": [MSG("assistant", "b")],
+        }
+        with pytest.raises(
+            DataError, match=r"train.jsonl:1: .*need a tokenizer with a chat template"
+        ):
+            load(tmp_path, tokenizer, [chat])
+        assert len(load(tmp_path, tokenizer, [GOOD])) == 1  # standard rows do not
+    finally:
+        hf.chat_template = template
