@@ -5,7 +5,6 @@ errors raised before anything is written."""
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path

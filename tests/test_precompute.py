@@ -2,7 +2,6 @@
 reused until the model, the data or the max length changes, and full fine-tuning."""
 
 import math
-import os
 
 import mlx.core as mx
 import numpy as np
@@ -36,10 +35,6 @@ COMMON = [
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MLX_LM_PREF_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache" / "reference"
-
-
-def metrics_without_time(path):
-    return [{k: v for k, v in m.items()} for m in read_metrics(path)]
 
 
 def test_precomputed_equals_live_reference(tiny_model, tmp_path, cache):
