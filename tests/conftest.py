@@ -125,6 +125,21 @@ def run_cli(*args, cwd=None, check=True, module="mlx_lm_pref", timeout=600):
     return proc
 
 
+def lora(model, data, adapter_path, *args, **kwargs):
+    """``mlx_lm_pref lora --model M --data D --adapter-path A ...`` in a fresh interpreter."""
+    return run_cli(
+        "lora",
+        "--model",
+        model,
+        "--data",
+        data,
+        "--adapter-path",
+        adapter_path,
+        *args,
+        **kwargs,
+    )
+
+
 def read_metrics(adapter_path):
     return [
         json.loads(l)

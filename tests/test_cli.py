@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_rows, read_metrics, run_cli, write_data, write_jsonl
+from conftest import lora, make_rows, read_metrics, run_cli, write_data, write_jsonl
 
 TRAIN = [
     "--train",
@@ -64,13 +64,9 @@ def check_learned(adapters, model, loss_type):
 def test_standard_rows_train_validate_and_test(tiny_model, tmp_path, loss_type):
     data = write_data(tmp_path / "data")
     adapters = tmp_path / "adapters"
-    proc = run_cli(
-        "lora",
-        "--model",
+    proc = lora(
         tiny_model,
-        "--data",
         data,
-        "--adapter-path",
         adapters,
         "--loss-type",
         loss_type,
@@ -170,13 +166,9 @@ def test_bad_row_stops_before_anything_is_written(tiny_model, tmp_path):
     lines = (data / "valid.jsonl").read_text().splitlines()
     lines[1] = json.dumps({"prompt": "Is it?", "chosen": "Yes.", "rejeced": "No."})
     (data / "valid.jsonl").write_text("\n".join(lines) + "\n")
-    proc = run_cli(
-        "lora",
-        "--model",
+    proc = lora(
         tiny_model,
-        "--data",
         data,
-        "--adapter-path",
         tmp_path / "out",
         "--loss-type",
         "dpo",
@@ -245,13 +237,9 @@ def test_sft_data_with_dpo_and_preference_data_with_sft(tiny_model, tmp_path):
         and "train.jsonl:1: field 'chosen' is missing" in proc.stderr
     )
     data = write_data(tmp_path / "pref")
-    proc = run_cli(
-        "lora",
-        "--model",
+    proc = lora(
         tiny_model,
-        "--data",
         data,
-        "--adapter-path",
         tmp_path / "o",
         *TRAIN,
         check=False,

@@ -81,6 +81,23 @@ def forward(model, tokens, spans):
     return logits, lsm, lp, comp
 
 
+def rewards_and_logits(loss, cr, rr, lp_c, lp_r, vocab_mean, mask):
+    """The metrics every trainer reports: TRL's rewards, logps and logits/* (vocab-mean logit
+    averaged over ``mask``)."""
+    B = len(cr)
+    return {
+        "loss": loss,
+        "rewards/chosen": cr.mean(),
+        "rewards/rejected": rr.mean(),
+        "rewards/accuracies": (cr > rr).mean(),
+        "rewards/margins": (cr - rr).mean(),
+        "logps/chosen": lp_c.mean(),
+        "logps/rejected": lp_r.mean(),
+        "logits/chosen": vocab_mean[:B][mask[:B]].mean(),
+        "logits/rejected": vocab_mean[B:][mask[B:]].mean(),
+    }
+
+
 def dpo_reference(model, tokens, spans, o: PreferenceArgs):
     logits, lsm, lp, comp = forward(model, tokens, spans)
     with adapters_disabled(model):
@@ -145,15 +162,7 @@ def dpo_reference(model, tokens, spans, o: PreferenceArgs):
     entropy = -(p * lsm).sum(-1)
     top1 = logits[:B].argmax(-1) == np.array(tokens)[:B, 1:]
     return {
-        "loss": loss,
-        "rewards/chosen": cr.mean(),
-        "rewards/rejected": rr.mean(),
-        "rewards/accuracies": (cr > rr).mean(),
-        "rewards/margins": (cr - rr).mean(),
-        "logps/chosen": s[:B].mean(),
-        "logps/rejected": s[B:].mean(),
-        "logits/chosen": vocab_mean[:B][comp[:B]].mean(),
-        "logits/rejected": vocab_mean[B:][comp[B:]].mean(),
+        **rewards_and_logits(loss, cr, rr, s[:B], s[B:], vocab_mean, comp),
         "entropy": entropy[comp].mean(),
         "mean_token_accuracy": top1[comp[:B]].mean(),
         "num_tokens": np.array(spans)[:, 1].sum(),
@@ -178,15 +187,9 @@ def orpo_reference(model, tokens, spans, o):
     real = _real(spans, lp.shape[1])
     vm = logits.mean(-1)
     return {
-        "loss": nll - o.beta * ratio.mean(),
-        "rewards/chosen": cr.mean(),
-        "rewards/rejected": rr.mean(),
-        "rewards/accuracies": (cr > rr).mean(),
-        "rewards/margins": (cr - rr).mean(),
-        "logps/chosen": a[:B].mean(),
-        "logps/rejected": a[B:].mean(),
-        "logits/chosen": vm[:B][real[:B]].mean(),
-        "logits/rejected": vm[B:][real[B:]].mean(),
+        **rewards_and_logits(
+            nll - o.beta * ratio.mean(), cr, rr, a[:B], a[B:], vm, real
+        ),
         "nll_loss": nll,
         "log_odds_ratio": ratio.mean(),
         "log_odds_chosen": log_odds.mean(),
@@ -212,18 +215,8 @@ def cpo_reference(model, tokens, spans, o):
     cr, rr = b * r[:B], b * r[B:]
     real = _real(spans, lp.shape[1])
     vm = logits.mean(-1)
-    return {
-        "loss": losses.mean() + o.cpo_alpha * nll,
-        "rewards/chosen": cr.mean(),
-        "rewards/rejected": rr.mean(),
-        "rewards/accuracies": (cr > rr).mean(),
-        "rewards/margins": (cr - rr).mean(),
-        "logps/chosen": s[:B].mean(),
-        "logps/rejected": s[B:].mean(),
-        "logits/chosen": vm[:B][real[:B]].mean(),
-        "logits/rejected": vm[B:][real[B:]].mean(),
-        "nll_loss": nll,
-    }
+    loss = losses.mean() + o.cpo_alpha * nll
+    return {**rewards_and_logits(loss, cr, rr, s[:B], s[B:], vm, real), "nll_loss": nll}
 
 
 REFERENCES = {"dpo": dpo_reference, "orpo": orpo_reference, "cpo": cpo_reference}

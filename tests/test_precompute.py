@@ -6,7 +6,7 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import read_metrics, run_cli, write_data
+from conftest import lora, read_metrics, write_data
 
 COMMON = [
     "--train",
@@ -39,26 +39,18 @@ def cache(tmp_path, monkeypatch):
 
 def test_precomputed_equals_live_reference(tiny_model, tmp_path, cache):
     data = write_data(tmp_path / "data")
-    run_cli(
-        "lora",
-        "--model",
+    lora(
         tiny_model,
-        "--data",
         data,
-        "--adapter-path",
         tmp_path / "live",
         "--reference",
         "adapters_off",
         "--test",
         *COMMON,
     )
-    proc = run_cli(
-        "lora",
-        "--model",
+    proc = lora(
         tiny_model,
-        "--data",
         data,
-        "--adapter-path",
         tmp_path / "pre",
         "--reference",
         "precomputed",
@@ -92,13 +84,9 @@ def test_cache_is_reused_until_an_input_changes(
     data = write_data(tmp_path / "data")
 
     def run(model=tiny_model, extra=()):
-        proc = run_cli(
-            "lora",
-            "--model",
+        proc = lora(
             model,
-            "--data",
             data,
-            "--adapter-path",
             tmp_path / "a",
             "--reference",
             "precomputed",
@@ -127,13 +115,9 @@ def test_cache_is_reused_until_an_input_changes(
 def test_full_fine_tuning_uses_a_precomputed_reference(tiny_model, tmp_path, cache):
     data = write_data(tmp_path / "data")
     out = tmp_path / "full"
-    proc = run_cli(
-        "lora",
-        "--model",
+    proc = lora(
         tiny_model,
-        "--data",
         data,
-        "--adapter-path",
         out,
         "--fine-tune-type",
         "full",

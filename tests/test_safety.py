@@ -9,7 +9,7 @@ import textwrap
 import time
 
 import mlx.core as mx
-from conftest import run_cli, write_data
+from conftest import lora, write_data
 
 TRAIN = [
     "--train",
@@ -30,13 +30,9 @@ def test_non_finite_update_stops_and_keeps_the_last_good_adapter(tiny_model, tmp
     data = write_data(tmp_path / "data")
     out = tmp_path / "out"
     # An absurd learning rate: step 1 moves the weights to ~1e30 (finite), step 2 overflows.
-    proc = run_cli(
-        "lora",
-        "--model",
+    proc = lora(
         tiny_model,
-        "--data",
         data,
-        "--adapter-path",
         out,
         "--learning-rate",
         "1e30",
@@ -61,13 +57,9 @@ def test_non_finite_update_stops_and_keeps_the_last_good_adapter(tiny_model, tmp
 def test_non_finite_loss_is_caught_between_saves(tiny_model, tmp_path):
     data = write_data(tmp_path / "data")
     out = tmp_path / "out"
-    proc = run_cli(
-        "lora",
-        "--model",
+    proc = lora(
         tiny_model,
-        "--data",
         data,
-        "--adapter-path",
         out,
         "--learning-rate",
         "1e30",
@@ -158,13 +150,9 @@ def test_skip_mode_drops_non_finite_updates_and_goes_on(tiny_model, tmp_path):
     data = write_data(tmp_path / "data")
     out = tmp_path / "out"
     # After step 1 every step overflows: each of those updates must leave the weights alone.
-    proc = run_cli(
-        "lora",
-        "--model",
+    proc = lora(
         tiny_model,
-        "--data",
         data,
-        "--adapter-path",
         out,
         "--learning-rate",
         "1e30",

@@ -16,6 +16,7 @@ import pytest
 from conftest import (
     TINY_LLAMA,
     corpus,
+    lora,
     make_rows,
     read_metrics,
     run_cli,
@@ -102,13 +103,9 @@ def train_run(tiny_model, equal_length_data, tmp_path_factory):
         key = (method, extra, batch_size, accumulate)
         if key not in done:
             out = tmp_path_factory.mktemp(method)
-            run_cli(
-                "lora",
-                "--model",
+            lora(
                 tiny_model,
-                "--data",
                 equal_length_data,
-                "--adapter-path",
                 out,
                 "--train",
                 *METHODS[method],
@@ -236,13 +233,9 @@ def test_low_precision_bases_train(base_models, tmp_path, base, loss_type):
         assert any(k.endswith(".scales") for k in weights)  # really quantized
     data = write_data(tmp_path / "data", n_train=48, n_valid=16)
     out = tmp_path / "adapters"
-    run_cli(
-        "lora",
-        "--model",
+    lora(
         model,
-        "--data",
         data,
-        "--adapter-path",
         out,
         "--train",
         "--loss-type",
@@ -430,13 +423,9 @@ def test_oldest_supported_mlx_lm(oldest_mlx_lm, tiny_model, tmp_path, monkeypatc
     if paths:
         assert paths[0] in proc.stdout  # the --target copy, not the installed one
     data = write_data(tmp_path / "data", n_train=16, n_valid=8)
-    run_cli(
-        "lora",
-        "--model",
+    lora(
         tiny_model,
-        "--data",
         data,
-        "--adapter-path",
         tmp_path / "adapters",
         "--train",
         "--loss-type",
