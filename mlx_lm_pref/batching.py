@@ -19,6 +19,20 @@ in dataset order, the last batch smaller when the pairs do not divide into batch
 
 Either way the width is padded to one plus a multiple of 32 (at most ``max_seq_length``) to
 bound recompilation; padding never reaches a loss or a metric.
+
+With prompt sharing (``sharing``) a batch comes in the shared layout instead: ``tokens`` is
+the tuple ``(prompts, prompt_lengths, continuations)``:
+- ``prompts``: (B, 1 + Wp) int32, per pair its first ``P + 1`` tokens, right-padded, where
+  the first ``P + 1`` tokens of its chosen and rejected rows are the same and ``P`` is at
+  most the earlier completion start minus one;
+- ``prompt_lengths``: (B,) int32, ``P`` per pair;
+- ``continuations``: (2B, 1 + Wc) int32, rows ``[0, B)`` chosen and ``[B, 2B)`` rejected:
+  each row from its token ``P`` on, right-padded;
+and ``spans`` count in continuation tokens (``[start - P, end - P)``). Token ``P`` ends the
+prompt rows and starts the continuations, so the model reads inputs ``prompts[:, :-1]`` and
+``continuations[:, :-1]`` and every target of the whole rows is predicted exactly once.
+``prompt_sharing: auto`` picks this layout for a batch when it computes fewer positions
+(``SHARE_BELOW``).
 """
 
 import math
@@ -30,6 +44,9 @@ from mlx_lm.tuner.datasets import CacheDataset
 from .data import PreferenceDataset
 
 PAD_TO = 32
+# auto shares the prompt when the shared layout computes at most this share of the
+# concatenated layout's positions (it adds a second model call and a cache concatenation).
+SHARE_BELOW = 0.9
 
 
 def preference_dataset_of(dataset):
@@ -66,13 +83,12 @@ def iterate_preference_batches(
         order[i + offset : i + offset + batch_size : step]
         for i in range(0, len(order) - batch_size + 1, batch_size)
     ]
-    constants = pairs.options.as_constants()
     if seed is not None:
         np.random.seed(seed)
     while True:
         for i in np.random.permutation(len(batch_idx)):
             batch = [pairs[j] for j in batch_idx[i]]
-            yield make_batch(batch, max_seq_length, pairs.source, constants)
+            yield make_batch(batch, max_seq_length, pairs.source, pairs.options)
         if not loop:
             break
 
@@ -101,30 +117,47 @@ def iterate_eval_batches(dataset, batch_size, max_seq_length, comm_group=None, *
     """
     pairs = preference_dataset_of(dataset)
     offset, step = _ranks(comm_group, batch_size)
-    constants = pairs.options.as_constants()
     for first in range(0, len(pairs), batch_size):
         chunk = range(first, min(first + batch_size, len(pairs)))
         batch = [pairs[j] for j in chunk[offset::step]]
         if not batch:
             continue
-        yield make_batch(batch, max_seq_length, pairs.source, constants)
+        yield make_batch(batch, max_seq_length, pairs.source, pairs.options)
 
 
-def make_batch(batch, max_seq_length, source, constants):
+def make_batch(batch, max_seq_length, source, options):
     """``(tokens, spans, constants)``, plus the (2B,) reference log-probs of chosen then
     rejected rows when they were precomputed."""
-    tokens, spans = collate(batch, max_seq_length, source)
+    collate_batch = collate
+    if options.prompt_sharing != "false":
+        ratio = shared_positions(batch, max_seq_length)
+        if ratio is not None and (
+            options.prompt_sharing == "true" or ratio <= SHARE_BELOW
+        ):
+            collate_batch = collate_shared
+    tokens, spans = collate_batch(batch, max_seq_length, source)
+    constants = options.as_constants()
     if batch[0].reference is None:
         return tokens, spans, constants
     reference = [p.reference[0] for p in batch] + [p.reference[1] for p in batch]
     return tokens, spans, constants, mx.array(reference, dtype=mx.float32)
 
 
-def collate(batch, max_seq_length, source="data"):
-    rows = [p.chosen for p in batch] + [p.rejected for p in batch]
+def _padded(length):
+    """One plus a multiple of PAD_TO, at least ``length``."""
+    return 1 + PAD_TO * ((length - 1 + PAD_TO - 1) // PAD_TO)
+
+
+def _rows(batch, max_seq_length):
+    rows = [p.chosen[:max_seq_length] for p in batch]
+    rows += [p.rejected[:max_seq_length] for p in batch]
     starts = [p.chosen_start for p in batch] + [p.rejected_start for p in batch]
-    longest = max(len(r) for r in rows)
-    width = min(1 + PAD_TO * ((longest + PAD_TO - 1) // PAD_TO), max_seq_length)
+    return rows, starts
+
+
+def collate(batch, max_seq_length, source="data"):
+    rows, starts = _rows(batch, max_seq_length)
+    width = min(_padded(max(len(r) for r in rows)), max_seq_length)
     tokens = np.zeros((len(rows), width), np.int32)
     spans = np.zeros((len(rows), 2), np.int32)
     for k, (row, start) in enumerate(zip(rows, starts)):
@@ -140,3 +173,62 @@ def collate(batch, max_seq_length, source="data"):
         # the earliest (a prompt-less row without BOS loses its first token, as in TRL).
         spans[k] = (max(start, 1), end)
     return mx.array(tokens), mx.array(spans)
+
+
+def _shared_prompt(chosen, rejected, chosen_start, rejected_start) -> int:
+    """``P``: how many leading input tokens the pair's rows share, leaving the token before
+    either completion to the continuations (so its logits, which predict the first
+    completion token, are computed per row)."""
+    limit = min(chosen_start, rejected_start, len(chosen), len(rejected))
+    same = 0
+    while same < limit and chosen[same] == rejected[same]:
+        same += 1
+    return max(same - 1, 0)
+
+
+def _prompt_lengths(batch, max_seq_length):
+    B = len(batch)
+    rows, starts = _rows(batch, max_seq_length)
+    return [
+        _shared_prompt(rows[k], rows[B + k], starts[k], starts[B + k]) for k in range(B)
+    ]
+
+
+def shared_positions(batch, max_seq_length) -> float:
+    """Positions the shared layout computes, as a share of the concatenated layout's; None
+    when no pair has a prompt to share."""
+    B = len(batch)
+    rows, _ = _rows(batch, max_seq_length)
+    lengths = _prompt_lengths(batch, max_seq_length)
+    if max(lengths) == 0:
+        return None
+    concat = 2 * B * (min(_padded(max(len(r) for r in rows)), max_seq_length) - 1)
+    longest = max(len(r) - lengths[k % B] for k, r in enumerate(rows))
+    shared = B * (_padded(max(lengths) + 1) - 1) + 2 * B * (_padded(longest) - 1)
+    return shared / concat
+
+
+def collate_shared(batch, max_seq_length, source="data"):
+    """The shared layout (see the module docstring): ``((prompts, prompt_lengths,
+    continuations), spans)``."""
+    B = len(batch)
+    rows, starts = _rows(batch, max_seq_length)
+    lengths = _prompt_lengths(batch, max_seq_length)
+    prompts = np.zeros((B, _padded(max(lengths) + 1)), np.int32)
+    for k, P in enumerate(lengths):
+        prompts[k, : P + 1] = rows[k][: P + 1]
+    tails = [r[lengths[k % B] :] for k, r in enumerate(rows)]
+    continuations = np.zeros((2 * B, _padded(max(len(t) for t in tails))), np.int32)
+    spans = np.zeros((2 * B, 2), np.int32)
+    for k, (tail, start) in enumerate(zip(tails, starts)):
+        P = lengths[k % B]
+        if len(rows[k]) <= max(start, 1):
+            raise ValueError(
+                f"{source}: a completion is empty after truncation to "
+                f"max_seq_length={max_seq_length} (prompt {start} tokens, sequence "
+                f"{len(rows[k])}). Raise max_seq_length or shorten the prompts."
+            )
+        continuations[k, : len(tail)] = tail
+        spans[k] = (max(start, 1) - P, len(rows[k]) - P)
+    tokens = (mx.array(prompts), mx.array(lengths, dtype=mx.int32))
+    return tokens + (mx.array(continuations),), mx.array(spans)

@@ -46,6 +46,7 @@ F_DIVERGENCE_LOSSES = {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "r
 F_DIVERGENCE_LOSSES |= {"discopop", "sft", "cdpo"}
 REFERENCES = ("auto", "adapters_off", "initial_adapter", "precomputed", "none")
 TRUNCATION_MODES = ("keep_start", "keep_end")
+PROMPT_SHARING = ("auto", "true", "false")
 
 
 class ConfigError(ValueError):
@@ -194,9 +195,22 @@ class PreferenceArgs:
         },
     )
 
+    prompt_sharing: str = field(
+        default="auto",
+        metadata={
+            "help": "Run each pair's prompt through the model once and both completions on "
+            "its keys and values (same losses and gradients as the concatenated rows). "
+            "auto: for the batches where it computes fewer positions, on models where a "
+            "probe pair checks out; true: every batch with a shared prompt; false: never.",
+            "choices": PROMPT_SHARING,
+        },
+    )
+
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
         set_("loss_type", _names(self.loss_type))
+        if isinstance(self.prompt_sharing, bool):  # YAML true/false
+            set_("prompt_sharing", str(self.prompt_sharing).lower())
         if self.loss_weights is not None:
             set_("loss_weights", _floats(self.loss_weights))
         for f in fields(self):

@@ -8,19 +8,35 @@ the model reads ``inputs = x[:, :-1]`` and predicts ``targets = x[:, 1:]``, so t
 import mlx.core as mx
 
 
-def token_logps(logits: mx.array, targets: mx.array) -> mx.array:
+def token_logps(logits: mx.array, targets: mx.array, lse=None) -> mx.array:
     """log pi(target | prefix) for every position.
 
     Args:
         logits: (N, T, V), any float dtype.
         targets: (N, T) token ids.
+        lse: (N, T) float32 ``logsumexp(logits)`` when the caller has it already.
 
     Returns:
         (N, T) float32 log-probs: logit[target] - logsumexp(logits).
     """
     logits = logits.astype(mx.float32)
     picked = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)
-    return picked - mx.logsumexp(logits, axis=-1)
+    return picked - (mx.logsumexp(logits, axis=-1) if lse is None else lse)
+
+
+def token_entropy(logits: mx.array, lse: mx.array) -> mx.array:
+    """Entropy of the next-token distribution at every position, -sum p log p, written as
+    ``lse - sum p * logit`` so that it reuses the log-probs' logsumexp.
+
+    Args:
+        logits: (N, T, V), any float dtype.
+        lse: (N, T) float32 ``logsumexp(logits)``.
+
+    Returns:
+        (N, T) float32.
+    """
+    logits = logits.astype(mx.float32)
+    return lse - (mx.exp(logits - lse[..., None]) * logits).sum(axis=-1)
 
 
 def span_mask(spans: mx.array, num_targets: int) -> mx.array:

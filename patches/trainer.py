@@ -38,6 +38,7 @@ from mlx_lm_pref.safety import (
     active_guard,
     skip_nonfinite,
 )
+from mlx_lm_pref.sharing import resolve_prompt_sharing
 
 from . import function_wrapper
 
@@ -85,7 +86,7 @@ def train(wrapped, instance, args, kwargs):
         raise ValueError(
             "The training set holds preference pairs but the validation set does not."
         )
-    model, options = a["model"], _resolve(a["model"], pairs.options)
+    model, options = a["model"], _resolve(a["model"], pairs.options, a["args"])
     scored_alike = [
         preference_dataset_of(d) for d in (a["train_dataset"], a["val_dataset"]) if d
     ]
@@ -123,8 +124,11 @@ def train(wrapped, instance, args, kwargs):
         model._pref_trained_tokens = a["training_callback"].trained_tokens
 
 
-def _resolve(model, options):
-    """Pick the reference for this training run, check it, and say which it is."""
+def _resolve(model, options, training_args):
+    """Check prompt sharing on this model; pick the reference for this training run, check
+    it, and say which it is."""
+    checkpointing = getattr(training_args, "grad_checkpoint", False)
+    options = resolve_prompt_sharing(model, options, checkpointing)
     if not options.needs_reference:
         return options
     options = options.replace(reference=resolve_reference(model, options.reference))
@@ -175,8 +179,10 @@ REFERENCE_NAMES = {
 def evaluate(wrapped, instance, args, kwargs):
     bound = _bind(wrapped, args, kwargs)
     a = bound.arguments
-    if preference_dataset_of(a["dataset"]) is None:
+    pairs = preference_dataset_of(a["dataset"])
+    if pairs is None:
         return wrapped(*args, **kwargs)
+    pairs.options = resolve_prompt_sharing(a["model"], pairs.options)
     a["iterate_batches"] = getattr(
         a["iterate_batches"], "unwatched", a["iterate_batches"]
     )

@@ -145,3 +145,24 @@ def read_metrics(adapter_path):
         json.loads(l)
         for l in (Path(adapter_path) / "metrics.jsonl").read_text().splitlines()
     ]
+
+
+def whole_rows(tokens, spans):
+    """A preference batch's ``(tokens, spans)`` as numpy in the concatenated layout, whichever
+    layout it came in (see ``mlx_lm_pref.batching``)."""
+    import numpy as np
+
+    spans = np.array(spans)
+    if not isinstance(tokens, (tuple, list)):
+        return np.array(tokens), spans
+    prompts, lengths, continuations = (np.array(t) for t in tokens)
+    B = len(prompts)
+    P = np.concatenate([lengths, lengths])
+    rows = [
+        prompts[k % B, : P[k]].tolist() + continuations[k, : spans[k, 1]].tolist()
+        for k in range(2 * B)
+    ]
+    out = np.zeros((2 * B, max(map(len, rows))), np.int32)
+    for k, row in enumerate(rows):
+        out[k, : len(row)] = row
+    return out, spans + P[:, None]

@@ -2,8 +2,8 @@
 batch across ranks."""
 
 import mlx.core as mx
-import numpy as np
 import pytest
+from conftest import whole_rows
 from mlx_lm.tuner.datasets import CacheDataset
 from mlx_lm.utils import load_tokenizer
 
@@ -55,8 +55,7 @@ def dataset(tiny_model):
 
 def unpack(batch):
     """The pairs a batch holds, as (chosen, rejected, chosen_start, rejected_start)."""
-    tokens, spans, _ = batch
-    tokens, spans = np.array(tokens), np.array(spans)
+    tokens, spans = whole_rows(*batch[:2])
     B = len(tokens) // 2
     return [
         (
@@ -154,8 +153,12 @@ def test_training_batches_are_full_length_sorted_and_shuffled(dataset):
             assert pair[2] == pair[3] - 1  # per-side starts reach the spans
 
 
-def test_width_padding_bounded_by_max_seq_length(dataset):
-    tokens, spans, _ = next(iterate_eval_batches(dataset, 4, 2048))
-    longest = max(len(dataset[i]) for i in range(4))
-    assert tokens.shape[1] == 1 + 32 * ((longest + 31) // 32)
+def test_width_padded_to_one_plus_a_multiple_of_32(dataset):
+    pairs = [dataset[i] for i in range(4)]
+    tokens, spans = collate(pairs, 2048)
+    longest = max(len(p) for p in pairs)
+    assert tokens.shape[1] == 1 + 32 * ((longest - 1 + 31) // 32) >= longest
     assert tokens.dtype == mx.int32 and spans.dtype == mx.int32
+    # at most max_seq_length, the rows cut to it
+    tokens, spans = collate(pairs, 20)
+    assert tokens.shape[1] == 20 and spans[:, 1].max().item() == 20

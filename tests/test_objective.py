@@ -14,10 +14,13 @@ from mlx_lm.models import llama
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 import mlx_lm_pref  # noqa: F401
+from mlx_lm_pref.batching import collate_shared
 from mlx_lm_pref.config import DPO_LOSSES, PreferenceArgs
+from mlx_lm_pref.data import Pair
 from mlx_lm_pref.losses import log1mexp
 from mlx_lm_pref.objective import METRICS, preference_loss
 from mlx_lm_pref.reference import adapters_disabled
+from mlx_lm_pref.sharing import resolve_prompt_sharing
 
 
 def tiny_lora_model(seed=0, nonzero_adapter=True):
@@ -33,6 +36,9 @@ def tiny_lora_model(seed=0, nonzero_adapter=True):
         ]
         model.update(tree_unflatten(lora_b))
     mx.eval(model.parameters())
+    resolve_prompt_sharing(
+        model, PreferenceArgs()
+    )  # the probe; the shared tests need it
     return model
 
 
@@ -52,6 +58,22 @@ def random_batch(seed=0, pairs=4):
     for k, i in enumerate(order):
         tokens[k, : len(rows[i])] = rows[i]
     return mx.array(tokens), mx.array(np.array(spans)[order].astype(np.int32))
+
+
+def shared_layout(tokens, spans):
+    """The same pairs in prompt sharing's layout (``batching.collate_shared``)."""
+    tokens, spans = np.array(tokens), np.array(spans)
+    B = len(tokens) // 2
+    pairs = [
+        Pair(
+            tokens[k, : spans[k, 1]].tolist(),
+            tokens[B + k, : spans[B + k, 1]].tolist(),
+            int(spans[k, 0]),
+            int(spans[B + k, 0]),
+        )
+        for k in range(B)
+    ]
+    return collate_shared(pairs, 2048)
 
 
 # ---- the independent reference, float64 numpy ----
@@ -261,14 +283,18 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("layout", ["rows", "shared"])
 @pytest.mark.parametrize(
     "case", CASES, ids=lambda c: "-".join(f"{v}" for v in c.values())
 )
-def test_matches_numpy(case):
+def test_matches_numpy(case, layout):
+    """Every metric of every objective, in both batch layouts (whole rows; each prompt
+    once with prompt sharing), against float64 numpy on the whole rows."""
     model = tiny_lora_model()
     tokens, spans = random_batch()
     options = PreferenceArgs(**case)
-    loss, ntoks = preference_loss(model, tokens, spans, options.as_constants())
+    batch = (tokens, spans) if layout == "rows" else shared_layout(tokens, spans)
+    loss, ntoks = preference_loss(model, *batch, options.as_constants())
     ours = dict(zip(METRICS[options.method], model._pref_metrics.tolist()))
     expected = REFERENCES[options.method](model, tokens, spans, options)
     assert set(ours) == set(expected)

@@ -317,6 +317,30 @@ CASES = [
     Case("orpo", "standard", "explicit", "bos", max_length=32, tag="max32"),
     Case("orpo", "conversational", "explicit", "bos", max_length=64, tag="max64"),
     Case("cpo", "standard", "explicit", "bos", max_length=32, tag="max32"),
+    # Prompt sharing on every batch (each prompt run once): the same numbers as TRL's.
+    *[
+        Case(
+            method,
+            fmt,
+            "explicit",
+            tok,
+            flags=["--prompt-sharing", "true"],
+            tag="shared",
+        )
+        for method in ("dpo", "orpo", "cpo")
+        for fmt in ("standard", "conversational")
+        for tok in ("bos", "nobos")
+    ],
+    Case(
+        "orpo",
+        "standard",
+        "explicit",
+        "bos",
+        batch=N_ROWS,
+        boundary_every=2,
+        flags=["--prompt-sharing", "true"],
+        tag="boundary-shared",
+    ),
     # The long tail of loss types and options: one standard and one conversational set each.
     *[
         Case(
@@ -688,8 +712,9 @@ GRAD_CASES = [
 ]
 
 
-def _our_first_batch_grads(model_path, adapter_dir, case):
-    """d loss / d LoRA weights of ``preference_loss`` on our first evaluation batch."""
+def _our_first_batch_grads(model_path, adapter_dir, case, prompt_sharing):
+    """d loss / d LoRA weights of ``preference_loss`` on our first evaluation batch, laid
+    out with ``prompt_sharing`` (true: each prompt once; false: whole rows)."""
     import mlx.core as mx
     import mlx.nn as nn
     from mlx.utils import tree_flatten
@@ -698,13 +723,17 @@ def _our_first_batch_grads(model_path, adapter_dir, case):
     from mlx_lm_pref.batching import iterate_eval_batches
     from mlx_lm_pref.data import PreferenceDataset
     from mlx_lm_pref.objective import preference_loss
+    from mlx_lm_pref.sharing import resolve_prompt_sharing
 
     model, tokenizer = load(str(model_path), adapter_path=str(adapter_dir))
     model.freeze()  # as mlx_lm.lora: only the adapter trains
     model.unfreeze(keys=["lora_a", "lora_b"], strict=False)
     options, max_length = _our_options(case)
+    options = options.replace(prompt_sharing=prompt_sharing)
+    assert resolve_prompt_sharing(model, options) == options
     dataset = PreferenceDataset(case.rows(), tokenizer, options)
     batch = next(iterate_eval_batches(dataset, case.batch, max_length or 2048))
+    assert isinstance(batch[0], tuple) == (prompt_sharing == "true")
 
     def loss(*args):
         return preference_loss(model, *args)[0]
@@ -718,7 +747,7 @@ def _our_first_batch_grads(model_path, adapter_dir, case):
 def test_gradient_direction_matches_trl(case, models):
     """The first training step moves the adapter the same way: the LoRA gradient of our
     loss and of TRL's ``compute_loss`` on the same first batch have cosine > 0.999 (and
-    norms within 0.1%)."""
+    norms within 0.1%), with whole rows and with each prompt run once."""
     model, mlx_dir, peft_dir = models[case.tok]
     trainer = R.make_trainer(
         case.method,
@@ -731,14 +760,19 @@ def test_gradient_direction_matches_trl(case, models):
         **case.trl_config(),
     )
     theirs = R.trl_first_batch_grads(trainer)
-    _, ours = _our_first_batch_grads(model, mlx_dir, case)
+    for sharing in ("false", "true"):
+        _, ours = _our_first_batch_grads(model, mlx_dir, case, sharing)
+        _assert_same_gradient(ours, theirs, f"{case.id} prompt_sharing {sharing}")
+
+
+def _assert_same_gradient(ours, theirs, label):
     assert sorted(ours) == sorted(theirs), "different LoRA parameter sets"
     for k in theirs:
         assert ours[k].shape == theirs[k].shape, k
     a = np.concatenate([ours[k].ravel() for k in sorted(theirs)]).astype(np.float64)
     b = np.concatenate([theirs[k].ravel() for k in sorted(theirs)]).astype(np.float64)
     cosine = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
-    assert np.linalg.norm(b) > 0 and cosine > 0.999, f"{case.id}: cosine {cosine:.6f}"
+    assert np.linalg.norm(b) > 0 and cosine > 0.999, f"{label}: cosine {cosine:.6f}"
     # and the same step size (a loss scaled by a constant keeps the direction)
     ratio = np.linalg.norm(a) / np.linalg.norm(b)
-    assert abs(ratio - 1) < 1e-3, f"{case.id}: |grad| ours / TRL = {ratio:.6f}"
+    assert abs(ratio - 1) < 1e-3, f"{label}: |grad| ours / TRL = {ratio:.6f}"

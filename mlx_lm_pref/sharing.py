@@ -1,0 +1,189 @@
+"""Prompt sharing: each pair's prompt goes through the model once, both completions on its
+keys and values.
+
+A preference pair's chosen and rejected rows start with the same tokens (the prompt), and a
+causal model computes exactly the same activations for them. The shared layout
+(``batching.collate_shared``) runs the pair's ``P`` shared input tokens once, as a (B, P)
+batch, then the chosen and rejected continuations as a (2B, C) batch that attends to the
+prompt's keys and values through ``PromptCache``. A step then costs ``B*P + 2B*C`` positions
+instead of ``2B*(P + C)``, and the gradient reaches the prompt through the cached keys and
+values (``mx.concatenate`` is differentiable), so losses and gradients are the concatenated
+forward's.
+
+It works through the KV-cache protocol of mlx-lm's models: ``cache.offset`` for the rotary
+positions (a per-row array here, so each continuation starts right after its own prompt) and
+``cache.make_mask`` for the attention mask (``base.create_attention_mask`` asks the cache).
+``check_prompt_sharing`` runs a small probe pair both ways on the model itself before a run
+relies on it, so an architecture that handles positions or masks its own way is caught
+instead of silently trained on wrong activations.
+"""
+
+import mlx.core as mx
+from mlx_lm.models.base import create_causal_mask
+
+from .config import ConfigError
+
+# Shared logits within this of the concatenated ones (relative to their largest magnitude)
+# pass the probe: float32 agrees to ~1e-6, half precision to ~1e-2; a model that mishandles
+# positions or the mask is off by O(1).
+PROBE_TOLERANCE = {mx.float32: 1e-4, mx.float16: 3e-2, mx.bfloat16: 3e-2}
+
+
+class PromptCache:
+    """One layer's cache for ``shared_forward``'s two calls.
+
+    The prompt call stores the layer's keys and values (B, heads, P, D) as they are, graph
+    included; the continuation call prepends them, once for the chosen rows and once for the
+    rejected ones, to its own (2B, heads, C, D), and masks each row's prompt padding.
+    """
+
+    def __init__(self, prompt_lengths: mx.array):
+        self.lengths = prompt_lengths  # (B,) real prompt positions per pair
+        self.offset = 0
+        self.keys = self.values = None
+
+    def update_and_fetch(self, keys, values):
+        if self.keys is None:
+            self.keys, self.values = keys, values
+            # Continuation j of a pair sits at position P + j, as in the whole row.
+            self.offset = mx.concatenate([self.lengths, self.lengths])
+            return keys, values
+        both = lambda x: mx.concatenate([x, x])  # noqa: E731
+        return (
+            mx.concatenate([both(self.keys), keys], axis=2),
+            mx.concatenate([both(self.values), values], axis=2),
+        )
+
+    def make_mask(self, N, return_array=False, window_size=None):
+        if self.keys is None:  # the prompt call: right padding needs only causality
+            if window_size is None and not return_array:
+                return "causal"
+            return create_causal_mask(N, window_size=window_size)
+        P = self.keys.shape[2]
+        rows = self.offset.shape[0]
+        query = mx.arange(N)[None, :, None] + self.offset[:, None, None]  # (2B, N, 1)
+        key = mx.concatenate(
+            [
+                mx.broadcast_to(mx.arange(P), (rows, P)),
+                mx.arange(N) + self.offset[:, None],
+            ],
+            axis=1,
+        )[:, None]
+        # Prompt keys up to the row's own prompt length; own keys causally.
+        valid = mx.arange(P + N) < P
+        valid = (valid & (key < self.offset[:, None, None])) | (~valid & (key <= query))
+        if window_size is not None:
+            valid = valid & (query < key + window_size)
+        return valid[:, None]  # (2B, 1, N, P + N)
+
+
+def shared_forward(model, prompts, prompt_lengths, continuations):
+    """Logits of a pair batch in the shared layout.
+
+    Args:
+        prompts: (B, P) int, each pair's shared input tokens, right-padded.
+        prompt_lengths: (B,) int, the real length of each prompt row.
+        continuations: (2B, C) int, chosen rows then rejected rows: the tokens that follow
+            the pair's shared inputs, right-padded.
+
+    Returns:
+        ``(prompt_logits (B, P, V), logits (2B, C, V))``: what the concatenated forward
+        computes at those positions of the whole rows. Unused prompt logits cost nothing:
+        the graph is lazy, so the output layer never runs on the prompt unless they are read.
+    """
+    cache = [PromptCache(prompt_lengths) for _ in model.layers]
+    prompt_logits = model(prompts, cache=cache)
+    return prompt_logits, model(continuations, cache=cache)
+
+
+def _probe(model, vocab_size):
+    """Two pairs with prompts of 6 and 3 inputs and continuations of 1 to 4 tokens, run as
+    whole rows and shared; the largest logit difference over the real positions, relative
+    to the largest logit, and the whole rows' logits."""
+    ids = [(7 * i + 3) % vocab_size for i in range(24)]
+    lengths = [6, 3]
+    prompts = [ids[:6], ids[6:9]]
+    continuations = [
+        ids[9:12],
+        ids[12:16],
+        ids[16:18],
+        ids[18:19],
+    ]  # chosen, then rejected
+    rows = [prompts[k % 2] + c for k, c in enumerate(continuations)]
+    pad = lambda seqs: mx.array([s + [0] * (10 - len(s)) for s in seqs])  # noqa: E731
+    whole = model(pad(rows))
+    prompt_logits, logits = shared_forward(
+        model, pad(prompts), mx.array(lengths), pad(continuations)
+    )
+    error = 0.0
+    for k, c in enumerate(continuations):
+        P = lengths[k % 2]
+        for got, want in (
+            (prompt_logits[k % 2, :P], whole[k, :P]),
+            (logits[k, : len(c)], whole[k, P : P + len(c)]),
+        ):
+            error = max(error, mx.abs(got - want).max().item())
+    return error / max(mx.abs(whole).max().item(), 1.0), whole
+
+
+CHECKPOINTING = (
+    "gradient checkpointing (grad_checkpoint) recomputes each layer without the prompt's "
+    "cached keys and values, so the gradient through them would be lost"
+)
+
+
+def checkpointed(model) -> bool:
+    """Whether mlx-lm's ``grad_checkpoint`` wrapped the model's layers (it replaces the
+    layer class's ``__call__``)."""
+    call = type(model.layers[0]).__call__ if getattr(model, "layers", None) else None
+    return getattr(call, "__qualname__", "").startswith("grad_checkpoint")
+
+
+def prompt_sharing_problem(model, grad_checkpoint=False):
+    """None if ``shared_forward`` reproduces ``model``'s own forward on a probe pair and its
+    gradients can flow through the cache, else why not (a sentence)."""
+    if not hasattr(model, "layers"):
+        return f"{type(model).__name__} does not expose its layers"
+    if grad_checkpoint or checkpointed(model):
+        return CHECKPOINTING
+    vocab_size = getattr(getattr(model, "args", None), "vocab_size", 24)
+    was_training = model.training
+    model.eval()  # no dropout: both forwards must see the same weights
+    try:
+        error, reference = _probe(model, vocab_size)
+    except Exception as e:  # an architecture whose attention cannot take this cache
+        return f"its forward pass does not accept the shared-prompt cache ({e})"
+    finally:
+        model.train(was_training)
+    tolerance = PROBE_TOLERANCE.get(reference.dtype, 3e-2)
+    if not error <= tolerance:
+        return (
+            f"the shared-prompt forward differs from its own by {error:.2g} (relative) on "
+            "a probe pair"
+        )
+    return None
+
+
+def resolve_prompt_sharing(model, options, grad_checkpoint=False):
+    """Check ``model`` once for prompt sharing unless it is off; ``auto`` turns it off (and
+    says so) where the probe fails or the layers will be checkpointed, ``true`` refuses.
+    Returns the options to train with."""
+    if options.prompt_sharing == "false":
+        return options
+    if getattr(model, "_pref_prompt_sharing", False) and not grad_checkpoint:
+        return options
+    problem = prompt_sharing_problem(model, grad_checkpoint)
+    name = getattr(model, "model_type", type(model).__name__)
+    model._pref_prompt_sharing = (
+        problem is None
+    )  # a plain attribute: not in model.state
+    if problem is None:
+        return options
+    if options.prompt_sharing == "true":
+        raise ConfigError(
+            f"prompt_sharing true: {name} cannot share prompts: {problem}. "
+            "Set prompt_sharing false (or auto)."
+        )
+    if mx.distributed.init().rank() == 0:
+        print(f"[mlx_lm_pref] prompt sharing off: {name}: {problem}")
+    return options.replace(prompt_sharing="false")
