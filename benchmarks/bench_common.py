@@ -28,10 +28,22 @@ VENV_TRL = os.environ.get("BENCH_VENV_TRL", "/tmp/venv_trl")
 # Synthetic Llamas (mlx_lm.models.llama, random weights). The vocabulary is larger than the
 # tokenizer's (ids past it are never used) so the LM head has a realistic share of the work.
 SIZES = {
-    "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=4, intermediate_size=1024, vocab_size=8192),
-    "medium": dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8,
-                   num_key_value_heads=8, intermediate_size=2048, vocab_size=8192),
+    "small": dict(
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=1024,
+        vocab_size=8192,
+    ),
+    "medium": dict(
+        hidden_size=512,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        intermediate_size=2048,
+        vocab_size=8192,
+    ),
 }
 # LoRA on every linear layer of every block (mlx-lm's defaults for Llama, all layers).
 LORA = {"rank": 8, "scale": 20.0, "dropout": 0.0}
@@ -41,11 +53,18 @@ BETA = 0.1
 # Token lengths, sampled uniformly per pair (chosen and rejected independently).
 LENGTH_MIX = {"prompt": (64, 256), "completion": (16, 128)}
 QUICK_LENGTH_MIX = {"prompt": (16, 48), "completion": (8, 24)}
+# Every prompt at least 4x its pair's completions (the prompt-sharing target's workload).
+LONG_PROMPT_MIX = {"prompt": (256, 384), "completion": (16, 64)}
+QUICK_LONG_PROMPT_MIX = {"prompt": (64, 96), "completion": (8, 16)}
 
 
 def param_count(cfg: dict) -> int:
-    h, L, f, v = (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"],
-                  cfg["vocab_size"])
+    h, L, f, v = (
+        cfg["hidden_size"],
+        cfg["num_hidden_layers"],
+        cfg["intermediate_size"],
+        cfg["vocab_size"],
+    )
     kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
     block = h * h * 2 + h * kv * 2 + 3 * h * f + 2 * h
     return L * block + 2 * v * h + h
@@ -53,9 +72,11 @@ def param_count(cfg: dict) -> int:
 
 def describe_size(name: str) -> str:
     c = SIZES[name]
-    return (f"{name}: {param_count(c) / 1e6:.1f}M params (hidden {c['hidden_size']}, "
-            f"{c['num_hidden_layers']} layers, FFN {c['intermediate_size']}, vocab "
-            f"{c['vocab_size']})")
+    return (
+        f"{name}: {param_count(c) / 1e6:.1f}M params (hidden {c['hidden_size']}, "
+        f"{c['num_hidden_layers']} layers, FFN {c['intermediate_size']}, vocab "
+        f"{c['vocab_size']})"
+    )
 
 
 # --------------------------------------------------------------------------- memory
@@ -67,7 +88,8 @@ def rss_mb() -> float:
 
 def trim_heap():
     """Collect garbage and hand free malloc memory back to the OS (glibc ``malloc_trim``), so
-    that an RSS baseline taken next does not depend on what ran earlier in the process."""
+    that an RSS baseline taken next does not depend on what ran earlier in the process.
+    """
     import ctypes
     import gc
 
@@ -104,7 +126,8 @@ def _status_kb(key: str) -> float:
 
 def cpu_seconds() -> float:
     """CPU time (user + system) of this process so far, all threads: less sensitive than wall
-    time to other jobs on a shared machine (though spinning BLAS threads still count)."""
+    time to other jobs on a shared machine (though spinning BLAS threads still count).
+    """
     import resource
 
     r = resource.getrusage(resource.RUSAGE_SELF)
@@ -131,8 +154,13 @@ def batch_stats(rows_lengths, rows, width) -> dict:
     """Real tokens and the share of computed positions (rows x width) they fill."""
     real = int(sum(rows_lengths))
     computed = int(rows * width)
-    return {"real_tokens": real, "computed_tokens": computed, "width": int(width),
-            "rows": int(rows), "real_fraction": real / computed}
+    return {
+        "real_tokens": real,
+        "computed_tokens": computed,
+        "width": int(width),
+        "rows": int(rows),
+        "real_fraction": real / computed,
+    }
 
 
 def read_json(path):
@@ -154,8 +182,10 @@ def machine_line() -> str:
     except OSError:
         pass
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-            f"load average at start {load:.2f}")
+    return (
+        f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"load average at start {load:.2f}"
+    )
 
 
 # --------------------------------------------------------------------------- output
@@ -168,7 +198,10 @@ def fmt(v, spec):
 
 
 def markdown_table(header, rows) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(out)
 
@@ -178,8 +211,11 @@ def text_table(header, rows) -> str:
     widths = [max(len(c) for c in col) for col in cols]
     line = lambda r: "  ".join(  # noqa: E731
         str(c).ljust(w) if i == 0 else str(c).rjust(w)
-        for i, (c, w) in enumerate(zip(r, widths)))
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+        for i, (c, w) in enumerate(zip(r, widths))
+    )
+    return "\n".join(
+        [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
+    )
 
 
 def write_section(name: str, body: str, path: Path = RESULTS_MD):
@@ -188,8 +224,9 @@ def write_section(name: str, body: str, path: Path = RESULTS_MD):
     text = path.read_text() if path.exists() else "# Benchmark results\n\n"
     block = f"{begin}\n{body.rstrip()}\n{end}"
     if begin in text and end in text:
-        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text,
-                      flags=re.S)
+        text = re.sub(
+            re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S
+        )
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)
@@ -216,7 +253,8 @@ def matplotlib_python():
 
 def env_for_mlx(threads: int = 0) -> dict:
     """The workers' environment: OpenBLAS preloaded, hubs offline, and with ``threads`` > 0
-    every BLAS / OpenMP pool (OpenBLAS for MLX, OpenMP for torch) limited to that many."""
+    every BLAS / OpenMP pool (OpenBLAS for MLX, OpenMP for torch) limited to that many.
+    """
     env = dict(os.environ)
     if threads:
         for key in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):

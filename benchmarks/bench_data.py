@@ -15,7 +15,6 @@
 from pathlib import Path
 
 import numpy as np
-
 from bench_common import SIZES
 
 CONSONANTS = "bdfgklmnprstvz"
@@ -29,8 +28,12 @@ def words(n=N_WORDS, seed=0):
     out = set()
     while len(out) < n:
         k = rng.integers(1, 4)
-        out.add("".join(rng.choice(list(CONSONANTS)) + rng.choice(list(VOWELS))
-                        for _ in range(k)))
+        out.add(
+            "".join(
+                rng.choice(list(CONSONANTS)) + rng.choice(list(VOWELS))
+                for _ in range(k)
+            )
+        )
     return sorted(out)
 
 
@@ -42,20 +45,29 @@ def corpus(seed=0):
 
 
 def build_assets(size: str, root) -> Path:
-    from mlx_lm_pref.tiny import build_model
-
     import json
+
+    from mlx_lm_pref.tiny import build_model
 
     path = Path(root) / f"llama_{size}"
     try:  # reuse a folder built earlier with the same configuration
         config = json.loads((path / "config.json").read_text())
-        if ((path / "model.safetensors").exists() and (path / "tokenizer.json").exists()
-                and all(config.get(k) == v for k, v in SIZES[size].items())):
+        if (
+            (path / "model.safetensors").exists()
+            and (path / "tokenizer.json").exists()
+            and all(config.get(k) == v for k, v in SIZES[size].items())
+        ):
             return path
     except (OSError, ValueError):
         pass
-    return build_model(path, corpus(), vocab_size=TOKENIZER_VOCAB, bos=True, seed=0,
-                       config=dict(SIZES[size]))
+    return build_model(
+        path,
+        corpus(),
+        vocab_size=TOKENIZER_VOCAB,
+        bos=True,
+        seed=0,
+        config=dict(SIZES[size]),
+    )
 
 
 def load_tokenizer(path):
@@ -76,8 +88,13 @@ def make_rows(n, mix, seed):
     for _ in range(n):
         # the prompt ends without a space and each completion starts with one, so the
         # prompt/completion boundary is a token boundary (no BPE merge across it)
-        rows.append({"prompt": text(mix["prompt"]), "chosen": " " + text(mix["completion"]),
-                     "rejected": " " + text(mix["completion"])})
+        rows.append(
+            {
+                "prompt": text(mix["prompt"]),
+                "chosen": " " + text(mix["completion"]),
+                "rejected": " " + text(mix["completion"]),
+            }
+        )
     return rows
 
 
@@ -93,10 +110,17 @@ def sample_batch(model_path, batch_size, mix, seed=0, pairs_per_batch=8):
     tok = load_tokenizer(model_path)
     rows = make_rows(pairs_per_batch * batch_size, mix, seed)
     max_len = 4096
-    dataset = PreferenceDataset(rows, tok, PreferenceArgs(loss_type="dpo"),
-                                source="bench", max_seq_length=max_len)
-    batches = [(t, s) for t, s, _ in
-               iterate_preference_batches(dataset, batch_size, max_len, seed=seed)]
+    # whole rows (the (2B, L) array SFT trains on); the worker lays out its own batches
+    options = PreferenceArgs(loss_type="dpo", prompt_sharing="false")
+    dataset = PreferenceDataset(
+        rows, tok, options, source="bench", max_seq_length=max_len
+    )
+    batches = [
+        (t, s)
+        for t, s, _ in iterate_preference_batches(
+            dataset, batch_size, max_len, seed=seed
+        )
+    ]
     real = sum(int(s[:, 1].sum().item()) for _, s in batches)
     computed = sum(t.shape[0] * t.shape[1] for t, _ in batches)
     order = sorted(range(len(batches)), key=lambda i: batches[i][0].shape[1])
@@ -104,11 +128,36 @@ def sample_batch(model_path, batch_size, mix, seed=0, pairs_per_batch=8):
     mx.eval(tokens, spans)
     t, s = np.array(tokens), np.array(spans)
     B = t.shape[0] // 2
-    pairs = [{"chosen": t[i, : s[i, 1]].tolist(), "rejected": t[B + i, : s[B + i, 1]].tolist(),
-              "chosen_start": int(s[i, 0]), "rejected_start": int(s[B + i, 0])}
-             for i in range(B)]
+    pairs = [
+        {
+            "chosen": t[i, : s[i, 1]].tolist(),
+            "rejected": t[B + i, : s[B + i, 1]].tolist(),
+            "chosen_start": int(s[i, 0]),
+            "rejected_start": int(s[B + i, 0]),
+        }
+        for i in range(B)
+    ]
+    auto = PreferenceDataset(
+        rows,
+        tok,
+        PreferenceArgs(loss_type="dpo"),
+        source="bench",
+        max_seq_length=max_len,
+    )
+    shared = [
+        b[0] for b in iterate_preference_batches(auto, batch_size, max_len, seed=seed)
+    ]
     info = {
         "pairs": pairs,
+        # what mx.compile traces per shape: whole rows vs the layouts prompt_sharing auto picks
+        "epoch_shapes": len({t.shape for t, _ in batches}),
+        "epoch_shapes_auto": len(
+            {
+                tuple(a.shape for a in t) if isinstance(t, tuple) else t.shape
+                for t in shared
+            }
+        ),
+        "epoch_shared_batches": sum(isinstance(t, tuple) for t in shared),
         "epoch_real_fraction": real / computed,
         "epoch_batches": len(batches),
         "prompt_lengths": [p["chosen_start"] for p in pairs],

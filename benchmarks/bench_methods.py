@@ -28,8 +28,10 @@ sys.path.insert(0, str(HERE))
 
 from bench_common import (  # noqa: E402
     LENGTH_MIX,
+    LONG_PROMPT_MIX,
     LORA,
     QUICK_LENGTH_MIX,
+    QUICK_LONG_PROMPT_MIX,
     SIZES,
     describe_size,
     env_for_mlx,
@@ -43,17 +45,51 @@ from bench_common import (  # noqa: E402
     write_section,
 )
 
-# dpo@<reference>: DPO with that reference strategy (plain dpo: adapters_off).
-METHODS = ["sft", "forward", "dpo", "dpo@initial_adapter", "dpo@precomputed", "dpo@none", "orpo", "simpo"]
+# dpo@<reference>: DPO with that reference strategy (plain dpo: adapters_off); +share: with
+# prompt sharing (each prompt once); without it, the whole (2B, L) rows SFT trains on.
+METHODS = [
+    "sft",
+    "forward",
+    "dpo",
+    "dpo@initial_adapter",
+    "dpo@precomputed",
+    "dpo@none",
+    "orpo",
+    "simpo",
+    "dpo+share",
+    "dpo@precomputed+share",
+    "orpo+share",
+    "simpo+share",
+]
+LONG_PROMPT_METHODS = [
+    "sft",
+    "forward",
+    "dpo",
+    "dpo+share",
+    "dpo@precomputed+share",
+    "orpo",
+    "orpo+share",
+    "simpo+share",
+]
+# workload: (length mix, quick length mix, methods)
+WORKLOADS = {
+    "mixed": (LENGTH_MIX, QUICK_LENGTH_MIX, METHODS),
+    "long-prompt": (LONG_PROMPT_MIX, QUICK_LONG_PROMPT_MIX, LONG_PROMPT_METHODS),
+}
 
 
 def run_worker(python, script, job, timeout, threads=0):
     with tempfile.TemporaryDirectory() as d:
         job_path, out_path = Path(d) / "job.json", Path(d) / "out.json"
         write_json(job_path, job)
-        proc = subprocess.run([python, str(HERE / script), str(job_path), str(out_path)],
-                              env=env_for_mlx(threads), timeout=timeout, stdout=subprocess.PIPE,
-                              stderr=sys.stderr, text=True)
+        proc = subprocess.run(
+            [python, str(HERE / script), str(job_path), str(out_path)],
+            env=env_for_mlx(threads),
+            timeout=timeout,
+            stdout=subprocess.PIPE,
+            stderr=sys.stderr,
+            text=True,
+        )
         if out_path.exists():
             return read_json(out_path)
         return {"error": f"{script} exited {proc.returncode}: {proc.stdout[-2000:]}"}
@@ -61,7 +97,11 @@ def run_worker(python, script, job, timeout, threads=0):
 
 def median(xs):
     xs = sorted(xs)
-    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+    return (
+        xs[len(xs) // 2]
+        if len(xs) % 2
+        else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+    )
 
 
 def summarize(res):
@@ -88,8 +128,15 @@ def summarize(res):
     for name, row in rows.items():
         if "error" in row or "error" in sft or not sft:
             continue
-        for k in ("step_ms", "min_ms", "cpu_ms", "tok_s", "mx_peak_mb", "rss_growth_mb",
-                  "real_fraction"):
+        for k in (
+            "step_ms",
+            "min_ms",
+            "cpu_ms",
+            "tok_s",
+            "mx_peak_mb",
+            "rss_growth_mb",
+            "real_fraction",
+        ):
             row[k + "_x"] = row[k] / sft[k]
     return rows
 
@@ -97,29 +144,59 @@ def summarize(res):
 def table_rows(results):
     out = []
     for key, res in results.items():
-        size, B = key.split("/")
+        workload, size, B = key.split("/")
         for name, row in res["summary"].items():
             if "error" in row:
-                out.append([size, B, name, "error: " + row["error"][:60]]
-                           + [""] * (len(HEADER) - 4))
+                out.append(
+                    [workload, size, B, name, "error: " + row["error"][:60]]
+                    + [""] * (len(HEADER) - 5)
+                )
                 continue
-            out.append([
-                size, B, name,
-                fmt(row["step_ms"], ".0f"), fmt(row.get("step_ms_x"), ".2f"),
-                fmt(row["min_ms"], ".0f"), fmt(row.get("min_ms_x"), ".2f"),
-                fmt(row["cpu_ms"], ".0f"), fmt(row.get("cpu_ms_x"), ".2f"),
-                fmt(row["tok_s"], ".0f"), fmt(row.get("tok_s_x"), ".2f"),
-                fmt(row["mx_peak_mb"], ".0f"), fmt(row.get("mx_peak_mb_x"), ".2f"),
-                fmt(row["rss_growth_mb"], ".0f"), fmt(row.get("rss_growth_mb_x"), ".2f"),
-                fmt(100 * row["real_fraction"], ".0f") + "%",
-                fmt(row.get("real_fraction_x"), ".2f"),
-            ])
+            out.append(
+                [
+                    workload,
+                    size,
+                    B,
+                    name,
+                    fmt(row["step_ms"], ".0f"),
+                    fmt(row.get("step_ms_x"), ".2f"),
+                    fmt(row["min_ms"], ".0f"),
+                    fmt(row.get("min_ms_x"), ".2f"),
+                    fmt(row["cpu_ms"], ".0f"),
+                    fmt(row.get("cpu_ms_x"), ".2f"),
+                    fmt(row["tok_s"], ".0f"),
+                    fmt(row.get("tok_s_x"), ".2f"),
+                    fmt(row["mx_peak_mb"], ".0f"),
+                    fmt(row.get("mx_peak_mb_x"), ".2f"),
+                    fmt(row["rss_growth_mb"], ".0f"),
+                    fmt(row.get("rss_growth_mb_x"), ".2f"),
+                    fmt(100 * row["real_fraction"], ".0f") + "%",
+                    fmt(row.get("real_fraction_x"), ".2f"),
+                ]
+            )
     return out
 
 
-HEADER = ["model", "pairs", "method", "step ms", "x SFT", "min ms", "x SFT", "CPU ms",
-          "x SFT", "tok/s", "x SFT", "mx peak MB", "x SFT", "RSS growth MB", "x SFT",
-          "real tok", "x SFT"]
+HEADER = [
+    "workload",
+    "model",
+    "pairs",
+    "method",
+    "step ms",
+    "x SFT",
+    "min ms",
+    "x SFT",
+    "CPU ms",
+    "x SFT",
+    "tok/s",
+    "x SFT",
+    "mx peak MB",
+    "x SFT",
+    "RSS growth MB",
+    "x SFT",
+    "real tok",
+    "x SFT",
+]
 
 
 def derived_lines(results):
@@ -127,6 +204,13 @@ def derived_lines(results):
     lines = []
     for key, res in results.items():
         s = res["summary"]
+        for name in ("dpo+share", "orpo+share", "simpo+share", "dpo@precomputed+share"):
+            if name in s and "error" not in s[name] and "error" not in s["sft"]:
+                lines.append(
+                    f"{key}: {name} {s[name]['step_ms']:.0f} ms vs SFT "
+                    f"{s['sft']['step_ms']:.0f} ms on the same sequences: "
+                    f"{s[name]['step_ms'] / s['sft']['step_ms']:.2f} x SFT"
+                )
         if all(k in s and "error" not in s[k] for k in ("sft", "forward", "dpo")):
             both = s["sft"]["step_ms"] + s["forward"]["step_ms"]
             lines.append(
@@ -135,7 +219,8 @@ def derived_lines(results):
                 f"(DPO / (SFT + forward) = {s['dpo']['step_ms'] / both:.2f}); forward alone "
                 f"= {s['forward']['step_ms'] / s['sft']['step_ms']:.2f} x SFT; in CPU time "
                 f"DPO / (SFT + forward) = "
-                f"{s['dpo']['cpu_ms'] / (s['sft']['cpu_ms'] + s['forward']['cpu_ms']):.2f}")
+                f"{s['dpo']['cpu_ms'] / (s['sft']['cpu_ms'] + s['forward']['cpu_ms']):.2f}"
+            )
     return lines
 
 
@@ -148,7 +233,16 @@ def batch_lines(results):
             f"positions, {b['real_tokens']} real tokens ({100 * b['real_fraction']:.0f}%); "
             f"prompts {info['prompt_lengths']}, chosen {info['chosen_lengths']}, rejected "
             f"{info['rejected_lengths']} tokens; real share over the epoch's "
-            f"{info['epoch_batches']} batches: {100 * info['epoch_real_fraction']:.0f}%")
+            f"{info['epoch_batches']} batches: {100 * info['epoch_real_fraction']:.0f}%"
+            + (
+                f"; distinct batch shapes over the epoch (each compiled once): "
+                f"{info['epoch_shapes']} as whole rows, {info['epoch_shapes_auto']} with "
+                f"prompt_sharing auto ({info['epoch_shared_batches']} of "
+                f"{info['epoch_batches']} batches shared)"
+                if "epoch_shapes" in info
+                else ""
+            )
+        )
     return out
 
 
@@ -156,31 +250,41 @@ def chart(results, path):
     py = matplotlib_python()
     if py is None:
         return None
-    data = {k: {m: r.get("step_ms_x") for m, r in v["summary"].items() if m != "sft"}
-            for k, v in results.items()}
+    data = {
+        k: {m: r.get("step_ms_x") for m, r in v["summary"].items() if m != "sft"}
+        for k, v in results.items()
+    }
     code = f"""
 import json, matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 data = json.loads({str(__import__('json').dumps(data))!r})
-keys = list(data); methods = sorted({{m for v in data.values() for m in v}},
-    key=lambda m: {METHODS!r}.index(m) if m in {METHODS!r} else 99)
-fig, ax = plt.subplots(figsize=(max(7.5, 1.4 * len(keys) + 1.5), 3.6))
-w = 0.8 / max(len(methods), 1)
-for i, m in enumerate(methods):
-    ax.bar([j + i * w for j in range(len(keys))], [data[k].get(m) or 0 for k in keys], w, label=m)
-ax.axhline(1.0, color="k", lw=0.8, ls="--", label="SFT")
-if "dpo" in methods and "forward" in methods:  # where DPO would be at SFT + forward
-    i = methods.index("dpo")
-    for j, k in enumerate(keys):
-        if data[k].get("forward") and data[k].get("dpo"):
-            x = j + i * w
-            ax.hlines(1 + data[k]["forward"], x - w / 2, x + w / 2, colors="k", lw=2,
-                      label="SFT + forward" if j == 0 else None)
-ax.set_xticks([j + w * (len(methods) - 1) / 2 for j in range(len(keys))], keys)
-ax.set_ylabel("step time / SFT step time"); ax.set_xlabel("model / pairs per batch")
-ax.set_title("mlx_lm_pref: step time relative to SFT on the same sequences")
-ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+order = {METHODS!r}
+workloads = list(dict.fromkeys(k.split("/")[0] for k in data))
+fig, axes = plt.subplots(len(workloads), 1, figsize=(11, 3.4 * len(workloads)), squeeze=False)
+for ax, wl in zip(axes[:, 0], workloads):
+    keys = [k for k in data if k.startswith(wl + "/")]
+    methods = sorted({{m for k in keys for m in data[k]}},
+                     key=lambda m: order.index(m) if m in order else 99)
+    w = 0.8 / max(len(methods), 1)
+    for i, m in enumerate(methods):
+        hatch = "//" if m.endswith("+share") else None
+        ax.bar([j + i * w for j in range(len(keys))], [data[k].get(m) or 0 for k in keys], w,
+               label=m, hatch=hatch)
+    ax.axhline(1.0, color="k", lw=0.8, ls="--", label="SFT")
+    if "dpo" in methods and "forward" in methods:  # where DPO would be at SFT + forward
+        i = methods.index("dpo")
+        for j, k in enumerate(keys):
+            if data[k].get("forward") and data[k].get("dpo"):
+                x = j + i * w
+                ax.hlines(1 + data[k]["forward"], x - w / 2, x + w / 2, colors="k", lw=2,
+                          label="SFT + forward" if j == 0 else None)
+    ax.set_xticks([j + w * (len(methods) - 1) / 2 for j in range(len(keys))],
+                  [k.split("/", 1)[1] for k in keys])
+    ax.set_ylabel("step time / SFT step")
+    ax.set_title(f"{{wl}} workload: step time relative to SFT on the same sequences", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+axes[-1, 0].set_xlabel("model / pairs per batch")
 fig.tight_layout(); fig.savefig({str(path)!r}, dpi=110)
 """
     ok = subprocess.run([py, "-c", code], capture_output=True, text=True)
@@ -192,46 +296,88 @@ fig.tight_layout(); fig.savefig({str(path)!r}, dpi=110)
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="smoke run: small model, short "
-                   "sequences, 1 warmup + 2 timed steps")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: small model, short sequences, 2 timed steps",
+    )
     p.add_argument("--sizes", nargs="+", choices=list(SIZES))
-    p.add_argument("--batches", nargs="+", type=int, help="pairs per batch (default 1 4)")
-    p.add_argument("--methods", nargs="+", default=METHODS)
+    p.add_argument(
+        "--batches", nargs="+", type=int, help="pairs per batch (default 1 4)"
+    )
+    p.add_argument(
+        "--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS)
+    )
+    p.add_argument("--methods", nargs="+", help="default: each workload's own list")
     p.add_argument("--steps", type=int, help="timed steps (median); default 3, quick 2")
-    p.add_argument("--warmup", type=int, default=1, help="untimed first steps (compile)")
-    p.add_argument("--assets", default=str(Path(tempfile.gettempdir()) / "mlx_lm_pref_bench"))
-    p.add_argument("--threads", type=int, default=1, help="BLAS threads of the worker "
-                   "(OPENBLAS_NUM_THREADS); 0 = OpenBLAS's default (one per core). Default 1: "
-                   "steadier on a shared machine (see README)")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="untimed first steps: the first compiles, the second compiles again for "
+        "the optimizer state the first one created",
+    )
+    p.add_argument(
+        "--assets", default=str(Path(tempfile.gettempdir()) / "mlx_lm_pref_bench")
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="BLAS threads of the worker "
+        "(OPENBLAS_NUM_THREADS); 0 = OpenBLAS's default (one per core). Default 1: "
+        "steadier on a shared machine (see README)",
+    )
     p.add_argument("--no-write", action="store_true", help="print only")
     a = p.parse_args()
     sizes = a.sizes or (["small"] if a.quick else ["small", "medium"])
     batches = a.batches or [1, 4]
     steps = a.steps or (2 if a.quick else 3)
-    mix = QUICK_LENGTH_MIX if a.quick else LENGTH_MIX
 
     from bench_data import build_assets, sample_batch
 
     t0 = time.time()
     header_line = machine_line()
     results = {}
-    for size in sizes:
-        path = build_assets(size, a.assets)
-        for B in batches:
-            tokens, spans, info = sample_batch(path, B, mix, seed=B)
-            job = {"model": str(path), "tokens": tokens.tolist(), "spans": spans.tolist(),
-                   "methods": a.methods, "warmup": a.warmup, "steps": steps,
-                   "interleave": True}
-            print(f"== {size}, {B} pair(s): batch {tuple(tokens.shape)}", file=sys.stderr,
-                  flush=True)
-            res = run_worker(sys.executable, "worker_mlx_pref.py", job, timeout=1800,
-                             threads=a.threads)
-            if "error" in res and "methods" not in res:
-                res = {"methods": {m: {"error": res["error"]} for m in a.methods},
-                       "batch": {}}
-            res["data"] = {k: v for k, v in info.items() if k != "pairs"}
-            res["summary"] = summarize(res)
-            results[f"{size}/{B}"] = res
+    mixes = {}
+    for workload in a.workloads:
+        full_mix, quick_mix, workload_methods = WORKLOADS[workload]
+        mix = mixes[workload] = quick_mix if a.quick else full_mix
+        methods = a.methods or workload_methods
+        for size in sizes:
+            path = build_assets(size, a.assets)
+            for B in batches:
+                tokens, spans, info = sample_batch(path, B, mix, seed=B)
+                job = {
+                    "model": str(path),
+                    "tokens": tokens.tolist(),
+                    "spans": spans.tolist(),
+                    "pairs": info["pairs"],
+                    "methods": methods,
+                    "warmup": a.warmup,
+                    "steps": steps,
+                    "interleave": True,
+                }
+                print(
+                    f"== {workload}, {size}, {B} pair(s): batch {tuple(tokens.shape)}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                res = run_worker(
+                    sys.executable,
+                    "worker_mlx_pref.py",
+                    job,
+                    timeout=1800,
+                    threads=a.threads,
+                )
+                if "error" in res and "methods" not in res:
+                    res = {
+                        "methods": {m: {"error": res["error"]} for m in methods},
+                        "batch": {},
+                    }
+                res["data"] = {k: v for k, v in info.items() if k != "pairs"}
+                res["summary"] = summarize(res)
+                results[f"{workload}/{size}/{B}"] = res
     elapsed = time.time() - t0
 
     table = text_table(HEADER, table_rows(results))
@@ -243,9 +389,15 @@ def main():
     write_json(HERE / "results" / "methods.json", results)
     png = chart(results, HERE / "results" / "methods.png")
     cmd = "python benchmarks/bench_methods.py" + (" --quick" if a.quick else "")
-    mix_txt = (f"prompts {mix['prompt'][0]}-{mix['prompt'][1]} tokens, completions "
-               f"{mix['completion'][0]}-{mix['completion'][1]} tokens (uniform)")
-    versions = next((r.get("versions") for r in results.values() if r.get("versions")), {})
+    mix_txt = "; ".join(
+        f"{w}: prompts {m['prompt'][0]}-{m['prompt'][1]} tokens, completions "
+        f"{m['completion'][0]}-{m['completion'][1]} tokens"
+        for w, m in mixes.items()
+    )
+    mix_txt += " (uniform)"
+    versions = next(
+        (r.get("versions") for r in results.values() if r.get("versions")), {}
+    )
     body = [
         "## Methods vs SFT (mlx_lm_pref)" + (" — QUICK smoke run" if a.quick else ""),
         "",
@@ -253,19 +405,28 @@ def main():
         f"mlx {versions.get('mlx', '?')}, mlx-lm {versions.get('mlx_lm', '?')}, CPU "
         "backend with Debian's OpenBLAS.",
         "",
-        "Models: " + "; ".join(describe_size(s) for s in sizes) + f". LoRA on every linear "
-        f"layer of every block (rank {LORA['rank']}, scale {LORA['scale']}), Adam. Length mix: "
-        f"{mix_txt}. Median of {steps} steps after {a.warmup} untimed (compiling) step(s). "
-        + (f"BLAS threads: {a.threads}." if a.threads else "BLAS threads: OpenBLAS's "
-           "default (one per core)."),
+        "Models: "
+        + "; ".join(describe_size(s) for s in sizes)
+        + f". LoRA on every linear "
+        f"layer of every block (rank {LORA['rank']}, scale {LORA['scale']}), Adam. Length mixes: "
+        f"{mix_txt}. Median of {steps} steps after {a.warmup} untimed (compiling) steps. "
+        + (
+            f"BLAS threads: {a.threads}."
+            if a.threads
+            else "BLAS threads: OpenBLAS's " "default (one per core)."
+        ),
         "",
-        "Every method runs mlx-lm's compiled training step on the same (2B, L) token array: "
-        "`sft` = mlx-lm's `default_loss` over the whole 2B sequences; `forward` = one "
+        "Every method runs mlx-lm's compiled training step on the same 2B sequences: "
+        "`sft` = mlx-lm's `default_loss` over the whole (2B, L) rows; `forward` = one "
         "compiled forward pass + per-token log-probs (no gradient), i.e. what DPO's "
         "reference pass costs; `dpo` = sigmoid DPO, reference `adapters_off`; `dpo@initial_adapter`, "
         "`dpo@precomputed` (reference log-probs scored once, outside the timed steps), `dpo@none`: "
         "the other reference strategies; `orpo`; "
-        "`simpo` (TRL's CPOTrainer SimPO, cpo_alpha 1). Each method has its own freshly "
+        "`simpo` (TRL's CPOTrainer SimPO, cpo_alpha 1). These run on the whole (2B, L) rows "
+        "(`prompt_sharing: false`); a `+share` suffix means the same method with prompt "
+        "sharing (each pair's prompt once, then both completions on its keys and values: "
+        "B prompt rows + 2B continuation rows), as `prompt_sharing: auto` does on these "
+        "batches. Each method has its own freshly "
         "loaded model; after each one's first (compiling, untimed) step the timed steps go "
         "round-robin over the methods, so that other jobs on the machine slow them alike.",
         "",
@@ -277,7 +438,8 @@ def main():
         "`mx.reset_peak_memory()`, as growth over the memory in use before it plus the "
         "method's own weights (LoRA included): what the method needs alone. `RSS growth` = "
         "the worker's VmHWM during that step minus its RSS before it. `real tok` = real "
-        "tokens / computed positions (rows x width) of the batch. `x SFT` = the figure "
+        "tokens / computed positions (rows x width; shared: B x prompt width + 2B x "
+        "continuation width) of the batch. `x SFT` = the figure "
         "divided by SFT's from the same run.",
         "",
         markdown_table(HEADER, table_rows(results)),
@@ -288,7 +450,10 @@ def main():
     if png:
         body += ["", f"![step time relative to SFT](results/{png.name})"]
     write_section("methods", "\n".join(body))
-    print(f"wrote {HERE / 'RESULTS.md'} (section methods) in {elapsed:.0f} s", file=sys.stderr)
+    print(
+        f"wrote {HERE / 'RESULTS.md'} (section methods) in {elapsed:.0f} s",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

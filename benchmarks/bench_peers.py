@@ -51,12 +51,33 @@ from bench_common import (  # noqa: E402
     write_section,
 )
 
+UNSHARED = "mlx_lm_pref (no sharing)"
 TOOLS = {
-    # tool: (python, worker, methods)
-    "mlx_lm_pref": (sys.executable, "worker_mlx_pref.py", ["dpo", "orpo", "cpo"]),
-    "mlx-lm-lora": (str(Path(VENV_PEER) / "bin" / "python"), "worker_mlx_lm_lora.py",
-                    ["dpo", "orpo", "cpo"]),
-    "trl": (str(Path(VENV_TRL) / "bin" / "python"), "worker_trl.py", ["dpo", "orpo"]),
+    # tool: (python, worker, methods, job options)
+    "mlx_lm_pref": (
+        sys.executable,
+        "worker_mlx_pref.py",
+        ["dpo", "orpo", "cpo"],
+        {"prompt_sharing": "auto"},
+    ),
+    UNSHARED: (
+        sys.executable,
+        "worker_mlx_pref.py",
+        ["dpo", "orpo", "cpo"],
+        {"prompt_sharing": "false"},
+    ),
+    "mlx-lm-lora": (
+        str(Path(VENV_PEER) / "bin" / "python"),
+        "worker_mlx_lm_lora.py",
+        ["dpo", "orpo", "cpo"],
+        {},
+    ),
+    "trl": (
+        str(Path(VENV_TRL) / "bin" / "python"),
+        "worker_trl.py",
+        ["dpo", "orpo"],
+        {},
+    ),
 }
 
 
@@ -70,10 +91,13 @@ def run_worker(python, script, job, timeout, log, threads=0):
             logf.write(f"\n===== {script} {time.strftime('%H:%M:%S')}\n")
             logf.flush()
             try:
-                proc = subprocess.run([python, str(HERE / script), str(job_path),
-                                       str(out_path)], env=env_for_mlx(threads),
-                                      timeout=timeout,
-                                      stdout=logf, stderr=subprocess.STDOUT)
+                proc = subprocess.run(
+                    [python, str(HERE / script), str(job_path), str(out_path)],
+                    env=env_for_mlx(threads),
+                    timeout=timeout,
+                    stdout=logf,
+                    stderr=subprocess.STDOUT,
+                )
                 rc = proc.returncode
             except subprocess.TimeoutExpired:
                 rc = "timeout"
@@ -96,21 +120,25 @@ def summarize(results):
         size, B = key.split("/")
         for tool, res in per_tool["tools"].items():
             for method, r in res.get("methods", {}).items():
-                row = {"error": r["error"]} if "error" in r else {
-                    "step_ms": median(r["times_ms"]),
-                    "min_ms": min(r["times_ms"]),
-                    "cpu_ms": median(r["cpu_ms"]) if r.get("cpu_ms") else None,
-                    "first_ms": r["first_step_ms"],
-                    "tok_s": r["real_tokens"] / (median(r["times_ms"]) / 1e3),
-                    "mx_peak_mb": r.get("mx_peak_mb"),
-                    "mx_weights_mb": r.get("mx_weights_mb"),
-                    "rss_peak_mb": r["rss_peak_mb"],
-                    "rss_delta_mb": r["rss_peak_mb"] - r["rss_before_mb"],
-                    "real_fraction": r["real_fraction"],
-                    "width": r["width"],
-                    "compiled": r.get("compiled", True),
-                    "first_loss": r.get("first_loss"),
-                }
+                row = (
+                    {"error": r["error"]}
+                    if "error" in r
+                    else {
+                        "step_ms": median(r["times_ms"]),
+                        "min_ms": min(r["times_ms"]),
+                        "cpu_ms": median(r["cpu_ms"]) if r.get("cpu_ms") else None,
+                        "first_ms": r["first_step_ms"],
+                        "tok_s": r["real_tokens"] / (median(r["times_ms"]) / 1e3),
+                        "mx_peak_mb": r.get("mx_peak_mb"),
+                        "mx_weights_mb": r.get("mx_weights_mb"),
+                        "rss_peak_mb": r["rss_peak_mb"],
+                        "rss_delta_mb": r["rss_peak_mb"] - r["rss_before_mb"],
+                        "real_fraction": r["real_fraction"],
+                        "width": r["width"],
+                        "compiled": r.get("compiled", True),
+                        "first_loss": r.get("first_loss"),
+                    }
+                )
                 rows[(size, B, method, tool)] = row
     for (size, B, method, tool), row in rows.items():
         ours = rows.get((size, B, method, "mlx_lm_pref"))
@@ -126,36 +154,79 @@ def summarize(results):
     return rows
 
 
-HEADER = ["model", "pairs", "method", "tool", "step ms", "x ours", "min ms", "x ours",
-          "CPU ms", "x ours", "first step ms", "tok/s", "mx peak MB", "x ours", "weights MB",
-          "peak RSS MB", "RSS growth MB", "x ours", "width", "real tok", "loss step 1"]
+HEADER = [
+    "model",
+    "pairs",
+    "method",
+    "tool",
+    "step ms",
+    "x ours",
+    "min ms",
+    "x ours",
+    "CPU ms",
+    "x ours",
+    "first step ms",
+    "tok/s",
+    "mx peak MB",
+    "x ours",
+    "weights MB",
+    "peak RSS MB",
+    "RSS growth MB",
+    "x ours",
+    "width",
+    "real tok",
+    "loss step 1",
+]
 ORDER = {"dpo": 0, "orpo": 1, "cpo": 2}
-TOOL_ORDER = {"mlx_lm_pref": 0, "mlx-lm-lora": 1, "trl": 2}
+TOOL_ORDER = {"mlx_lm_pref": 0, UNSHARED: 1, "mlx-lm-lora": 2, "trl": 3}
 
 
 def table_rows(rows):
     out = []
-    keys = sorted(rows, key=lambda k: (list(SIZES).index(k[0]), int(k[1]),
-                                       ORDER.get(k[2], 9), TOOL_ORDER.get(k[3], 9)))
+    keys = sorted(
+        rows,
+        key=lambda k: (
+            list(SIZES).index(k[0]),
+            int(k[1]),
+            ORDER.get(k[2], 9),
+            TOOL_ORDER.get(k[3], 9),
+        ),
+    )
     for key in keys:
         size, B, method, tool = key
         row = rows[key]
         label = tool if row.get("compiled", True) else tool + " (uncompiled*)"
         if "error" in row:
-            out.append([size, B, method, tool, "error: " + row["error"][:70]]
-                       + [""] * (len(HEADER) - 5))
+            out.append(
+                [size, B, method, tool, "error: " + row["error"][:70]]
+                + [""] * (len(HEADER) - 5)
+            )
             continue
-        out.append([
-            size, B, method, label, fmt(row["step_ms"], ".0f"), fmt(row.get("step_x"), ".2f"),
-            fmt(row["min_ms"], ".0f"), fmt(row.get("min_x"), ".2f"),
-            fmt(row["cpu_ms"], ".0f"), fmt(row.get("cpu_x"), ".2f"),
-            fmt(row["first_ms"], ".0f"), fmt(row["tok_s"], ".0f"),
-            fmt(row["mx_peak_mb"], ".0f"), fmt(row.get("mx_peak_x"), ".2f"),
-            fmt(row["mx_weights_mb"], ".0f"), fmt(row["rss_peak_mb"], ".0f"),
-            fmt(row["rss_delta_mb"], ".0f"), fmt(row.get("rss_delta_x"), ".2f"),
-            row["width"], fmt(100 * row["real_fraction"], ".0f") + "%",
-            fmt(row["first_loss"], ".4f"),
-        ])
+        out.append(
+            [
+                size,
+                B,
+                method,
+                label,
+                fmt(row["step_ms"], ".0f"),
+                fmt(row.get("step_x"), ".2f"),
+                fmt(row["min_ms"], ".0f"),
+                fmt(row.get("min_x"), ".2f"),
+                fmt(row["cpu_ms"], ".0f"),
+                fmt(row.get("cpu_x"), ".2f"),
+                fmt(row["first_ms"], ".0f"),
+                fmt(row["tok_s"], ".0f"),
+                fmt(row["mx_peak_mb"], ".0f"),
+                fmt(row.get("mx_peak_x"), ".2f"),
+                fmt(row["mx_weights_mb"], ".0f"),
+                fmt(row["rss_peak_mb"], ".0f"),
+                fmt(row["rss_delta_mb"], ".0f"),
+                fmt(row.get("rss_delta_x"), ".2f"),
+                row["width"],
+                fmt(100 * row["real_fraction"], ".0f") + "%",
+                fmt(row["first_loss"], ".4f"),
+            ]
+        )
     return out
 
 
@@ -163,8 +234,9 @@ def derived_lines(rows):
     """Per size/batch: what mlx-lm-lora's reference copy costs, and whether the step-1
     losses agree (same tokens, fresh adapters: same formula -> same number)."""
     out = []
-    configs = sorted({(k[0], k[1]) for k in rows},
-                     key=lambda c: (list(SIZES).index(c[0]), int(c[1])))
+    configs = sorted(
+        {(k[0], k[1]) for k in rows}, key=lambda c: (list(SIZES).index(c[0]), int(c[1]))
+    )
     for size, B in configs:
         get = lambda m, t: rows.get((size, B, m, t), {"error": "-"})  # noqa: E731
         ours, peer = get("dpo", "mlx_lm_pref"), get("dpo", "mlx-lm-lora")
@@ -174,13 +246,16 @@ def derived_lines(rows):
                 f"DPO weights in memory: mlx-lm-lora {peer['mx_weights_mb']:.0f} MB vs "
                 f"{ours['mx_weights_mb']:.0f} MB ({peer['mx_weights_mb'] / ours['mx_weights_mb']:.2f}x, "
                 f"its reference is a second copy), MLX peak {peer['mx_peak_mb']:.0f} vs "
-                f"{ours['mx_peak_mb']:.0f} MB ({peer['mx_peak_mb'] / ours['mx_peak_mb']:.2f}x)")
+                f"{ours['mx_peak_mb']:.0f} MB ({peer['mx_peak_mb'] / ours['mx_peak_mb']:.2f}x)"
+            )
         for m in ("dpo", "orpo", "cpo"):
             losses = {t: get(m, t).get("first_loss") for t in TOOL_ORDER}
             losses = {t: v for t, v in losses.items() if v is not None}
             if len(losses) > 1:
-                parts.append(f"{m} step-1 loss " + ", ".join(f"{t} {v:.4f}"
-                                                            for t, v in losses.items()))
+                parts.append(
+                    f"{m} step-1 loss "
+                    + ", ".join(f"{t} {v:.4f}" for t, v in losses.items())
+                )
         if parts:
             out.append(f"{size}/{B}: " + "; ".join(parts))
     return out
@@ -196,20 +271,25 @@ def chart(rows, path):
     for (size, B, method, tool), row in rows.items():
         if "error" not in row:
             data.setdefault(f"{size}/{B}\n{method}", {})[tool] = row["step_ms"]
-    keys = sorted(data, key=lambda k: (list(SIZES).index(k.split("/")[0]),
-                                       int(k.split("/")[1].split("\n")[0]),
-                                       ORDER.get(k.split("\n")[1], 9)))
+    keys = sorted(
+        data,
+        key=lambda k: (
+            list(SIZES).index(k.split("/")[0]),
+            int(k.split("/")[1].split("\n")[0]),
+            ORDER.get(k.split("\n")[1], 9),
+        ),
+    )
     code = f"""
 import json, matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 data = json.loads({json.dumps(data)!r}); keys = {keys!r}
-tools = ["mlx_lm_pref", "mlx-lm-lora", "trl"]
+tools = {list(TOOL_ORDER)!r}
 fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(keys) + 1.5), 4))
-w = 0.27
+w = 0.2
 for i, t in enumerate(tools):
     ax.bar([j + i * w for j in range(len(keys))], [data[k].get(t, 0) for k in keys], w, label=t)
-ax.set_xticks([j + w for j in range(len(keys))], keys, fontsize=7)
+ax.set_xticks([j + 1.5 * w for j in range(len(keys))], keys, fontsize=7)
 ax.set_yscale("log"); ax.set_ylabel("median step time, ms (log)")
 ax.set_title("Training step time on the same weights and tokens (CPU)")
 ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -227,10 +307,13 @@ How each tool is driven (one worker process per tool, size and batch; same model
 token ids):
 
 - **mlx_lm_pref**: mlx-lm's compiled training step as `mlx_lm.tuner.trainer.train` builds it,
-  loss `mlx_lm_pref.objective.preference_loss`; chosen and rejected rows in one (2B, L) array,
-  padded to 1 + a multiple of 32. DPO's reference: the same model with the LoRA scales at 0
-  (`adapters_off`), in the same compiled graph. CPO = `loss_type: cpo` (sigmoid, `cpo_alpha`
-  1.0, TRL's defaults).
+  loss `mlx_lm_pref.objective.preference_loss`, on the batch `mlx_lm_pref.batching.make_batch`
+  builds with the defaults: `prompt_sharing: auto`, which on these batches runs each prompt
+  once (B rows) and both completions on its keys and values (2B rows; `width` = prompt +
+  continuation width). **mlx_lm_pref (no sharing)**: the same with `prompt_sharing: false`,
+  chosen and rejected rows in one (2B, L) array, padded to 1 + a multiple of 32. DPO's
+  reference: the same model with the LoRA scales at 0 (`adapters_off`), in the same compiled
+  graph. CPO = `loss_type: cpo` (sigmoid, `cpo_alpha` 1.0, TRL's defaults).
 - **mlx-lm-lora**: its own `train_dpo` / `train_orpo` / `train_cpo` (compiled step, its batch
   iterators, its losses), model from `mlx_lm_lora.utils.from_pretrained`, DPO reference from
   `mlx_lm_lora.train.load_reference_model` (a second full copy of the model, loaded from the
@@ -268,25 +351,46 @@ the same tokens: DPO's is ln 2 = 0.6931 for all).
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="smoke run: small model, short "
-                   "sequences, 1 warmup + 2 timed steps")
-    p.add_argument("--configs", nargs="+", metavar="SIZE/PAIRS",
-                   help="model size / pairs per batch (default: small/1 small/4 medium/4; "
-                   "quick: small/1 small/4)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: small model, short sequences, 2 timed steps",
+    )
+    p.add_argument(
+        "--configs",
+        nargs="+",
+        metavar="SIZE/PAIRS",
+        help="model size / pairs per batch (default: small/1 small/4 medium/4; "
+        "quick: small/1 small/4)",
+    )
     p.add_argument("--tools", nargs="+", choices=list(TOOLS), default=list(TOOLS))
     p.add_argument("--steps", type=int, help="timed steps (median); default 2")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--assets", default=str(Path(tempfile.gettempdir()) / "mlx_lm_pref_bench"))
-    p.add_argument("--threads", type=int, default=1, help="threads per tool: OpenBLAS "
-                   "(MLX tools) and torch/OpenMP (TRL); 0 = the libraries' defaults (one per "
-                   "core). Default 1: see README")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="untimed first steps (MLX tools compile twice: again once the optimizer "
+        "state exists)",
+    )
+    p.add_argument(
+        "--assets", default=str(Path(tempfile.gettempdir()) / "mlx_lm_pref_bench")
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="threads per tool: OpenBLAS "
+        "(MLX tools) and torch/OpenMP (TRL); 0 = the libraries' defaults (one per "
+        "core). Default 1: see README",
+    )
     p.add_argument("--no-write", action="store_true")
     a = p.parse_args()
-    configs = a.configs or (["small/1", "small/4"] if a.quick
-                            else ["small/1", "small/4", "medium/4"])
+    configs = a.configs or (
+        ["small/1", "small/4"] if a.quick else ["small/1", "small/4", "medium/4"]
+    )
     configs = [(c.split("/")[0], int(c.split("/")[1])) for c in configs]
     sizes = list(dict.fromkeys(s for s, _ in configs))
-    steps = a.steps or 2
+    steps = a.steps or 3
     mix = QUICK_LENGTH_MIX if a.quick else LENGTH_MIX
     log = HERE / "results" / "peers.log"
     log.parent.mkdir(exist_ok=True)
@@ -301,16 +405,31 @@ def main():
         path = build_assets(size, a.assets)
         if True:
             tokens, spans, info = sample_batch(path, B, mix, seed=B)
-            entry = {"data": {k: v for k, v in info.items() if k != "pairs"}, "tools": {}}
+            entry = {
+                "data": {k: v for k, v in info.items() if k != "pairs"},
+                "tools": {},
+            }
             for tool in a.tools:
-                python, script, methods = TOOLS[tool]
-                job = {"model": str(path), "tokens": tokens.tolist(), "spans": spans.tolist(),
-                       "pairs": info["pairs"], "methods": methods, "warmup": a.warmup,
-                       "steps": steps, "threads": a.threads}
-                print(f"== {size}, {B} pair(s), {tool} ({time.time() - t0:.0f} s)",
-                      file=sys.stderr, flush=True)
-                res = run_worker(python, script, job, timeout=1200, log=log,
-                                 threads=a.threads)
+                python, script, methods, options = TOOLS[tool]
+                job = {
+                    "model": str(path),
+                    "tokens": tokens.tolist(),
+                    "spans": spans.tolist(),
+                    "pairs": info["pairs"],
+                    "methods": methods,
+                    "warmup": a.warmup,
+                    "steps": steps,
+                    "threads": a.threads,
+                    **options,
+                }
+                print(
+                    f"== {size}, {B} pair(s), {tool} ({time.time() - t0:.0f} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                res = run_worker(
+                    python, script, job, timeout=1200, log=log, threads=a.threads
+                )
                 if "error" in res and not res.get("methods"):
                     res["methods"] = {m: {"error": res["error"]} for m in methods}
                 entry["tools"][tool] = res
@@ -327,47 +446,79 @@ def main():
     versions = {}
     for entry in results.values():
         for tool, res in entry["tools"].items():
-            versions.update({k: v for k, v in (res.get("versions") or {}).items()
-                             if k != "torch_threads"})
+            versions.update(
+                {
+                    k: v
+                    for k, v in (res.get("versions") or {}).items()
+                    if k != "torch_threads"
+                }
+            )
     cmd = "python benchmarks/bench_peers.py" + (" --quick" if a.quick else "")
-    mix_txt = (f"prompts {mix['prompt'][0]}-{mix['prompt'][1]} tokens, completions "
-               f"{mix['completion'][0]}-{mix['completion'][1]} tokens (uniform)")
-    unshimmed = sorted({f"{m}: {r['unshimmed']}" for e in results.values()
-                        for m, r in e["tools"].get("mlx-lm-lora", {}).get("methods", {}).items()
-                        if r.get("unshimmed")})
-    uncompiled = sorted({f"{m}: {r['compile_error']}" for e in results.values()
-                         for m, r in e["tools"].get("mlx-lm-lora", {}).get("methods", {}).items()
-                         if r.get("compile_error")})
+    mix_txt = (
+        f"prompts {mix['prompt'][0]}-{mix['prompt'][1]} tokens, completions "
+        f"{mix['completion'][0]}-{mix['completion'][1]} tokens (uniform)"
+    )
+    unshimmed = sorted(
+        {
+            f"{m}: {r['unshimmed']}"
+            for e in results.values()
+            for m, r in e["tools"].get("mlx-lm-lora", {}).get("methods", {}).items()
+            if r.get("unshimmed")
+        }
+    )
+    uncompiled = sorted(
+        {
+            f"{m}: {r['compile_error']}"
+            for e in results.values()
+            for m, r in e["tools"].get("mlx-lm-lora", {}).get("methods", {}).items()
+            if r.get("compile_error")
+        }
+    )
     body = [
-        "## Side by side: mlx_lm_pref, mlx-lm-lora, TRL" + (" — QUICK smoke run" if a.quick
-                                                            else ""),
+        "## Side by side: mlx_lm_pref, mlx-lm-lora, TRL"
+        + (" — QUICK smoke run" if a.quick else ""),
         "",
         f"`{cmd}` ({time.strftime('%Y-%m-%d %H:%M')}, {elapsed:.0f} s). {header_line}. "
-        + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())) + ".",
+        + ", ".join(f"{k} {v}" for k, v in sorted(versions.items()))
+        + ".",
         "",
         "Models: " + "; ".join(describe_size(s) for s in sizes) + f". LoRA rank "
         f"{LORA['rank']}, scale {LORA['scale']}, every linear layer of every block. Length "
         f"mix: {mix_txt}. Median of {steps} steps after {a.warmup} untimed step(s). "
-        + (f"Threads per tool: {a.threads} (OpenBLAS for the MLX tools, torch for TRL)."
-           if a.threads else "Threads: the libraries' defaults (one per core)."),
+        + (
+            f"Threads per tool: {a.threads} (OpenBLAS for the MLX tools, torch for TRL)."
+            if a.threads
+            else "Threads: the libraries' defaults (one per core)."
+        ),
         "",
         markdown_table(HEADER, table_rows(rows)),
         "",
     ]
     body += ["- " + line for line in derived_lines(rows)] + [""]
     if unshimmed:
-        body += ["mlx-lm-lora without the shim, on this machine: " + "; ".join(unshimmed)
-                 + ".", ""]
+        body += [
+            "mlx-lm-lora without the shim, on this machine: "
+            + "; ".join(unshimmed)
+            + ".",
+            "",
+        ]
     if uncompiled:
-        body += ["\\* mlx-lm-lora's compiled step failed, so its loop ran with "
-                 "`mx.disable_compile()` (times not comparable to compiled ones): "
-                 + "; ".join(uncompiled) + ".", ""]
+        body += [
+            "\\* mlx-lm-lora's compiled step failed, so its loop ran with "
+            "`mx.disable_compile()` (times not comparable to compiled ones): "
+            + "; ".join(uncompiled)
+            + ".",
+            "",
+        ]
     body += [NOTES]
     if png:
         body += ["", f"![step time per tool](results/{png.name})"]
     write_section("peers", "\n".join(body))
-    print(f"wrote {HERE / 'RESULTS.md'} (section peers) in {elapsed:.0f} s; worker logs in "
-          f"{log}", file=sys.stderr)
+    print(
+        f"wrote {HERE / 'RESULTS.md'} (section peers) in {elapsed:.0f} s; worker logs in "
+        f"{log}",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

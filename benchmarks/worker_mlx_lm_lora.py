@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mlx.core as mx  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
-
 from bench_common import (  # noqa: E402
     BETA,
     LEARNING_RATE,
@@ -66,8 +65,10 @@ def load_policy(path, num_layers):
     from mlx_lm_lora.utils import from_pretrained
 
     mx.random.seed(0)
-    out = from_pretrained(model=str(path), lora_config={**LORA, "use_dora": False,
-                                                       "num_layers": num_layers})
+    out = from_pretrained(
+        model=str(path),
+        lora_config={**LORA, "use_dora": False, "num_layers": num_layers},
+    )
     return out[0]
 
 
@@ -82,7 +83,9 @@ class Recorder:
         self.seconds.append(1.0 / info["iterations_per_second"])
         self.peaks.append(info["peak_memory"])
         self.losses.append(info["train_loss"])
-        now = cpu_seconds()  # one report per iteration: CPU of that iteration (+ report)
+        now = (
+            cpu_seconds()
+        )  # one report per iteration: CPU of that iteration (+ report)
         self.cpu.append(now - self.last_cpu)
         self.last_cpu = now
 
@@ -94,20 +97,37 @@ def trainer_for(method):
     from mlx_lm_lora.trainer import cpo_trainer, dpo_trainer, orpo_trainer
 
     if method == "dpo":
-        return dpo_trainer.train_dpo, dpo_trainer.DPOTrainingArgs, dpo_trainer.iterate_dpo_batches
+        return (
+            dpo_trainer.train_dpo,
+            dpo_trainer.DPOTrainingArgs,
+            dpo_trainer.iterate_dpo_batches,
+        )
     if method == "orpo":
-        return (orpo_trainer.train_orpo, orpo_trainer.ORPOTrainingArgs,
-                orpo_trainer.iterate_orpo_batches)
+        return (
+            orpo_trainer.train_orpo,
+            orpo_trainer.ORPOTrainingArgs,
+            orpo_trainer.iterate_orpo_batches,
+        )
     if method == "cpo":
-        return cpo_trainer.train_cpo, cpo_trainer.CPOTrainingArgs, cpo_trainer.iterate_cpo_batches
+        return (
+            cpo_trainer.train_cpo,
+            cpo_trainer.CPOTrainingArgs,
+            cpo_trainer.iterate_cpo_batches,
+        )
     raise ValueError(method)
 
 
 def dataset_of(pairs):
-    return [{"chosen": p["chosen"], "rejected": p["rejected"],
-             "chosen_prompt_length": p["chosen_start"],
-             "rejected_prompt_length": p["rejected_start"], "preference_score": 1.0}
-            for p in pairs]
+    return [
+        {
+            "chosen": p["chosen"],
+            "rejected": p["rejected"],
+            "chosen_prompt_length": p["chosen_start"],
+            "rejected_prompt_length": p["rejected_start"],
+            "preference_score": 1.0,
+        }
+        for p in pairs
+    ]
 
 
 def unshimmed_failure(method, model_path, num_layers):
@@ -138,27 +158,42 @@ def time_method(method, job, tmp):
     model = load_policy(job["model"], cfg["num_hidden_layers"])
     ref = None
     if method == "dpo":
-        ref = load_reference_model(SimpleNamespace(reference_model_path=None,
-                                                   model=job["model"]))
+        ref = load_reference_model(
+            SimpleNamespace(reference_model_path=None, model=job["model"])
+        )
     mx.eval(model.parameters())
     if ref is not None:
         mx.eval(ref.parameters())
     # the batch its iterator builds from these pairs (two (B, W) arrays)
     first = next(iterate(data, B, 4096, train=False))
     chosen, rejected = first[0], first[1]
-    lengths = [len(p["chosen"]) for p in job["pairs"]] + [len(p["rejected"]) for p in job["pairs"]]
+    lengths = [len(p["chosen"]) for p in job["pairs"]] + [
+        len(p["rejected"]) for p in job["pairs"]
+    ]
     stats = batch_stats(lengths, 2 * B, chosen.shape[1])
     stats["arrays"] = [list(chosen.shape), list(rejected.shape)]
     weights_mb = mx.get_active_memory() / 1e6
     rec = Recorder()
     iters = job["warmup"] + job["steps"]
-    args = Args(batch_size=B, iters=iters, steps_per_report=1, steps_per_eval=10**9,
-                steps_per_save=10**9, max_seq_length=4096,
-                adapter_file=str(Path(tmp) / f"{method}_adapters.safetensors"))
+    args = Args(
+        batch_size=B,
+        iters=iters,
+        steps_per_report=1,
+        steps_per_eval=10**9,
+        steps_per_save=10**9,
+        max_seq_length=4096,
+        adapter_file=str(Path(tmp) / f"{method}_adapters.safetensors"),
+    )
     if hasattr(args, "beta"):
         args.beta = BETA
-    kwargs = dict(model=model, optimizer=optim.Adam(learning_rate=LEARNING_RATE),
-                  train_dataset=data, val_dataset=None, args=args, training_callback=rec)
+    kwargs = dict(
+        model=model,
+        optimizer=optim.Adam(learning_rate=LEARNING_RATE),
+        train_dataset=data,
+        val_dataset=None,
+        args=args,
+        training_callback=rec,
+    )
     if method == "dpo":
         kwargs.update(ref_model=ref, loss_type="sigmoid")
     mx.clear_cache()
@@ -173,15 +208,16 @@ def time_method(method, job, tmp):
     result = {
         "first_step_ms": rec.seconds[0] * 1e3,
         "first_loss": rec.losses[0],
-        "times_ms": [s * 1e3 for s in rec.seconds[job["warmup"]:]],
-        "cpu_ms": [s * 1e3 for s in rec.cpu[job["warmup"]:]],
+        "times_ms": [s * 1e3 for s in rec.seconds[job["warmup"] :]],
+        "cpu_ms": [s * 1e3 for s in rec.cpu[job["warmup"] :]],
         "mx_peak_mb": mx.get_peak_memory() / 1e6,
         "mx_weights_mb": weights_mb,
         "rss_before_mb": rss_before,
         "rss_peak_mb": rss_peak_mb(),
         "wall_s": wall,
-        "reference": "second full model copy (load_reference_model)" if ref is not None
-        else None,
+        "reference": (
+            "second full model copy (load_reference_model)" if ref is not None else None
+        ),
         **stats,
     }
     del model, ref, kwargs
@@ -196,7 +232,9 @@ def uncompiled_run(job, method, tmp):
     subprocess.run([sys.executable, __file__, str(sub_job), str(sub_out)])
     if not sub_out.exists():
         return {"error": "uncompiled retry produced nothing"}
-    return read_json(sub_out)["methods"].get(method, {"error": "uncompiled retry failed"})
+    return read_json(sub_out)["methods"].get(
+        method, {"error": "uncompiled retry failed"}
+    )
 
 
 def main():
@@ -206,10 +244,16 @@ def main():
     import mlx_lm
     import mlx_lm_lora
 
-    out = {"tool": "mlx-lm-lora", "methods": {},
-           "versions": {"mlx": mx.__version__, "mlx_lm": mlx_lm.__version__,
-                        "mlx_lm_lora": getattr(mlx_lm_lora, "__version__", "?")},
-           "shim": f"mx.device_info() gains '{SHIM_KEY}' (= physical RAM) when missing"}
+    out = {
+        "tool": "mlx-lm-lora",
+        "methods": {},
+        "versions": {
+            "mlx": mx.__version__,
+            "mlx_lm": mlx_lm.__version__,
+            "mlx_lm_lora": getattr(mlx_lm_lora, "__version__", "?"),
+        },
+        "shim": f"mx.device_info() gains '{SHIM_KEY}' (= physical RAM) when missing",
+    }
     try:
         from importlib.metadata import version
 
@@ -230,17 +274,28 @@ def main():
                 if not job.get("disable_compile"):
                     # e.g. CPO: its compiled step fails inside mx.compile (see README). Time
                     # the same loop uncompiled, in a fresh process, and say so.
-                    print(f"[mlx-lm-lora] {method}: {r['error']}; retrying with "
-                          "mx.disable_compile()", file=sys.stderr, flush=True)
+                    print(
+                        f"[mlx-lm-lora] {method}: {r['error']}; retrying with "
+                        "mx.disable_compile()",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     retry = uncompiled_run(job, method, tmp)
                     if "error" not in retry:
                         retry["compile_error"] = r["error"]
                         r = retry
             r["unshimmed"] = unshimmed_failure(method, job["model"], 0)
             out["methods"][method] = r
-            print(f"[mlx-lm-lora] {method}: "
-                  + (f"{sorted(r['times_ms'])[len(r['times_ms']) // 2]:.0f} ms"
-                     if "times_ms" in r else r["error"]), file=sys.stderr, flush=True)
+            print(
+                f"[mlx-lm-lora] {method}: "
+                + (
+                    f"{sorted(r['times_ms'])[len(r['times_ms']) // 2]:.0f} ms"
+                    if "times_ms" in r
+                    else r["error"]
+                ),
+                file=sys.stderr,
+                flush=True,
+            )
             write_json(sys.argv[2], out)
 
 

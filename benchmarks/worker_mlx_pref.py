@@ -12,7 +12,11 @@ and mlx-lm's own compiled training step, built as ``mlx_lm.tuner.trainer.train``
   (what DPO's reference pass costs), no gradient;
 - any ``loss_type`` of ``mlx_lm_pref.config.PreferenceArgs`` (``dpo``, ``orpo``, ``cpo``,
   ``simpo``...): ``mlx_lm_pref.objective.preference_loss`` with ``options.as_constants()``,
-  after ``init_metric_state``; DPO's reference is ``adapters_off`` (the only one there is).
+  after ``init_metric_state``, on the batch the product's ``batching.make_batch`` builds from
+  the job's pairs. ``dpo@<reference>`` picks DPO's reference (default ``adapters_off``);
+  a ``+share`` suffix sets ``prompt_sharing: true`` (each prompt once), and without it the
+  job's ``prompt_sharing`` applies (default ``false``: whole rows, the same (2B, L) array as
+  SFT).
 """
 
 import gc
@@ -26,9 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
-from mlx.nn.utils import average_gradients  # noqa: E402
-from mlx.utils import tree_map  # noqa: E402
-
 from bench_common import (  # noqa: E402
     LEARNING_RATE,
     LORA,
@@ -41,6 +42,8 @@ from bench_common import (  # noqa: E402
     trim_heap,
     write_json,
 )
+from mlx.nn.utils import average_gradients  # noqa: E402
+from mlx.utils import tree_map  # noqa: E402
 
 
 def load_lora_model(path):
@@ -98,18 +101,44 @@ def compiled_forward(model):
     return run
 
 
-def build(method, model, tokens, spans):
-    """(run(batch), batch) for one method."""
+def preference_batch(model, options, job):
+    """The batch the product builds for the job's pairs with these options."""
+    from mlx_lm_pref.batching import make_batch
+    from mlx_lm_pref.data import Pair
+    from mlx_lm_pref.sharing import resolve_prompt_sharing
+
+    options = resolve_prompt_sharing(model, options)
+    pairs = [
+        Pair(p["chosen"], p["rejected"], p["chosen_start"], p["rejected_start"])
+        for p in job["pairs"]
+    ]
+    return make_batch(pairs, 1 << 16, "bench", options)
+
+
+def layout_stats(tokens, spans):
+    """batch_stats of a preference batch in either layout: the shared one computes
+    B x prompt width + 2B x continuation width positions."""
+    if not isinstance(tokens, tuple):
+        return batch_stats(spans[:, 1].tolist(), tokens.shape[0], tokens.shape[1])
+    prompts, lengths, rows = tokens
+    ends = (spans[:, 1] + mx.concatenate([lengths, lengths])).tolist()
+    stats = batch_stats(ends, 1, prompts.size + rows.size)
+    stats.update(rows=rows.shape[0], width=f"{prompts.shape[1]}+{rows.shape[1]}")
+    return stats
+
+
+def build(method, model, tokens, spans, job):
+    """(run(batch), batch, layout stats or None) for one method."""
     if method == "forward":
         model.eval()
-        return compiled_forward(model), (tokens, spans)
+        return compiled_forward(model), (tokens, spans), None
     model.train()
     opt = optim.Adam(learning_rate=LEARNING_RATE)
     if method == "sft":
         from mlx_lm.tuner.trainer import default_loss
 
         lengths = mx.stack([mx.zeros_like(spans[:, 1]), spans[:, 1]], axis=1)
-        return compiled_train_step(model, opt, default_loss), (tokens, lengths)
+        return compiled_train_step(model, opt, default_loss), (tokens, lengths), None
     from mlx_lm_pref.config import PreferenceArgs
     from mlx_lm_pref.objective import (
         init_metric_state,
@@ -118,16 +147,23 @@ def build(method, model, tokens, spans):
     )
     from mlx_lm_pref.reference import freeze_initial_adapter
 
-    # "dpo@precomputed": a loss_type and, for DPO, a reference strategy (default adapters_off)
-    loss_type, _, reference = method.partition("@")
-    options = PreferenceArgs(loss_type=loss_type, reference=reference or "adapters_off")
+    # "dpo@precomputed+share": a loss_type, for DPO a reference strategy (default
+    # adapters_off), and +share for prompt sharing
+    spec, share, _ = method.partition("+share")
+    loss_type, _, reference = spec.partition("@")
+    options = PreferenceArgs(
+        loss_type=loss_type,
+        reference=reference or "adapters_off",
+        prompt_sharing="true" if share else job.get("prompt_sharing", "false"),
+    )
     init_metric_state(model, options)
-    batch = (tokens, spans, options.as_constants())
+    batch = preference_batch(model, options, job)
     if options.reference == "initial_adapter":
         freeze_initial_adapter(model)
     if options.reference == "precomputed":  # scored once, outside the timed steps
-        batch += (mx.stop_gradient(sequence_logps_dpo(model, tokens, spans)),)
-    return compiled_train_step(model, opt, preference_loss), batch
+        batch += (mx.stop_gradient(sequence_logps_dpo(model, *batch[:2])),)
+    stats = layout_stats(*batch[:2])
+    return compiled_train_step(model, opt, preference_loss), batch, stats
 
 
 def param_mb(model):
@@ -136,12 +172,12 @@ def param_mb(model):
     return sum(v.nbytes for _, v in tree_flatten(model.parameters())) / 1e6
 
 
-def prepare(method, model_path, tokens, spans):
+def prepare(method, model_path, tokens, spans, job):
     """Load a fresh model for ``method`` and run its first (compiling, untimed) step,
     measuring the memory a step needs. Earlier methods' models stay loaded but idle, so the step's
     own figures are taken as growth over what was in use just before it."""
     model = load_lora_model(model_path)
-    run, batch = build(method, model, tokens, spans)
+    run, batch, stats = build(method, model, tokens, spans, job)
     mx.clear_cache()
     trim_heap()
     weights = param_mb(model)
@@ -156,7 +192,10 @@ def prepare(method, model_path, tokens, spans):
     # data, and the optimizer state it creates is counted as it persists)
     growth = mx.get_peak_memory() / 1e6 - active_before
     return {
-        "run": run, "batch": batch, "model": model, "active_before": active_before,
+        "run": run,
+        "batch": batch,
+        "model": model,
+        "active_before": active_before,
         "result": {
             "first_step_ms": first_ms,
             "first_step_cpu_ms": first_cpu,
@@ -168,7 +207,10 @@ def prepare(method, model_path, tokens, spans):
             "rss_before_mb": rss_before,
             "rss_peak_mb": rss_peak_mb(),
             "rss_growth_mb": rss_peak_mb() - rss_before,
-            "times_ms": [], "cpu_ms": [], "losses": [],
+            "times_ms": [],
+            "cpu_ms": [],
+            "losses": [],
+            **(stats or {}),
         },
     }
 
@@ -190,14 +232,21 @@ def main():
     turn (fresh model, first step, memory) and kept; then the timed steps go round-robin over
     the methods, so that other jobs on a shared machine slow all of them alike and the ratios
     between them hold (absolute RSS then includes the idle models: use the RSS growth).
-    Otherwise (bench_peers.py) each method runs alone in turn, its model freed after it."""
+    Otherwise (bench_peers.py) each method runs alone in turn, its model freed after it.
+    """
     job = read_json(sys.argv[1])
     tokens = mx.array(job["tokens"], dtype=mx.int32)
     spans = mx.array(job["spans"], dtype=mx.int32)
     stats = batch_stats([e for _, e in job["spans"]], tokens.shape[0], tokens.shape[1])
     interleave = job.get("interleave", False)
-    out = {"tool": "mlx_lm_pref", "batch": stats, "methods": {},
-           "timing": "round-robin over methods" if interleave else "one method after another"}
+    out = {
+        "tool": "mlx_lm_pref",
+        "batch": stats,
+        "methods": {},
+        "timing": (
+            "round-robin over methods" if interleave else "one method after another"
+        ),
+    }
     try:
         import mlx_lm
 
@@ -208,7 +257,7 @@ def main():
     ready = {}
     for method in job["methods"]:
         try:
-            entry = prepare(method, job["model"], tokens, spans)
+            entry = prepare(method, job["model"], tokens, spans, job)
             out["methods"][method] = entry["result"]
             if interleave:
                 ready[method] = entry
@@ -217,8 +266,11 @@ def main():
                 timed_steps(entry, method, job["steps"], True)
                 # alone in the process: the peaks cover every step, as for the peers
                 r = entry["result"]
-                r["mx_peak_mb"] = (r["mx_weights_mb"] + mx.get_peak_memory() / 1e6
-                                   - entry["active_before"])
+                r["mx_peak_mb"] = (
+                    r["mx_weights_mb"]
+                    + mx.get_peak_memory() / 1e6
+                    - entry["active_before"]
+                )
                 r["rss_peak_mb"] = rss_peak_mb()
                 r["rss_growth_mb"] = r["rss_peak_mb"] - r["rss_before_mb"]
                 del entry
@@ -226,18 +278,24 @@ def main():
                 mx.clear_cache()
         except Exception as e:  # report and go on with the other methods
             out["methods"][method] = {"error": f"{type(e).__name__}: {e}"}
-            print(f"[mlx_lm_pref] {method}: {out['methods'][method]['error']}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[mlx_lm_pref] {method}: {out['methods'][method]['error']}",
+                file=sys.stderr,
+                flush=True,
+            )
     names = list(ready)
     for i in range(extra_warmup + job["steps"] if names else 0):
-        for method in names[i % len(names):] + names[: i % len(names)]:
+        for method in names[i % len(names) :] + names[: i % len(names)]:
             timed_steps(ready[method], method, 1, i >= extra_warmup)
     for method, r in out["methods"].items():
         if "error" in r:
             continue
-        r.update(stats)
-        print(f"[mlx_lm_pref] {method}: {sorted(r['times_ms'])[len(r['times_ms']) // 2]:.0f} ms",
-              file=sys.stderr, flush=True)
+        r.update({k: v for k, v in stats.items() if k not in r})
+        print(
+            f"[mlx_lm_pref] {method}: {sorted(r['times_ms'])[len(r['times_ms']) // 2]:.0f} ms",
+            file=sys.stderr,
+            flush=True,
+        )
     write_json(sys.argv[2], out)
 
 

@@ -31,7 +31,6 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_DISABLED", "true")
 
 import torch  # noqa: E402
-
 from bench_common import (  # noqa: E402
     BETA,
     LEARNING_RATE,
@@ -46,15 +45,28 @@ from bench_common import (  # noqa: E402
     write_json,
 )
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_TARGETS = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+]
 
 
 def peft_config():
     from peft import LoraConfig
 
-    return LoraConfig(r=LORA["rank"], lora_alpha=LORA["scale"] * LORA["rank"],
-                      lora_dropout=LORA["dropout"], bias="none", target_modules=LORA_TARGETS,
-                      task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=LORA["rank"],
+        lora_alpha=LORA["scale"] * LORA["rank"],
+        lora_dropout=LORA["dropout"],
+        bias="none",
+        target_modules=LORA_TARGETS,
+        task_type="CAUSAL_LM",
+    )
 
 
 def load_model(path):
@@ -65,12 +77,25 @@ def load_model(path):
 
 
 def common_args(B, iters, out_dir, gradient_checkpointing):
-    return dict(output_dir=str(out_dir), per_device_train_batch_size=B, max_steps=iters,
-                learning_rate=LEARNING_RATE, bf16=False, fp16=False, use_cpu=True,
-                gradient_checkpointing=gradient_checkpointing, report_to="none",
-                logging_steps=1, save_strategy="no", disable_tqdm=True,
-                dataloader_num_workers=0, remove_unused_columns=False, seed=0, beta=BETA,
-                max_length=4096)
+    return dict(
+        output_dir=str(out_dir),
+        per_device_train_batch_size=B,
+        max_steps=iters,
+        learning_rate=LEARNING_RATE,
+        bf16=False,
+        fp16=False,
+        use_cpu=True,
+        gradient_checkpointing=gradient_checkpointing,
+        report_to="none",
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        seed=0,
+        beta=BETA,
+        max_length=4096,
+    )
 
 
 def make_callback():
@@ -103,14 +128,24 @@ def dpo_trainer(model, tok, pairs, targs, callback):
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             return dataset
 
-    rows = [{"prompt_ids": p["chosen"][: p["chosen_start"]],
-             "chosen_ids": p["chosen"][p["chosen_start"]:],
-             "rejected_ids": p["rejected"][p["rejected_start"]:]} for p in pairs]
+    rows = [
+        {
+            "prompt_ids": p["chosen"][: p["chosen_start"]],
+            "chosen_ids": p["chosen"][p["chosen_start"] :],
+            "rejected_ids": p["rejected"][p["rejected_start"] :],
+        }
+        for p in pairs
+    ]
     args = DPOConfig(loss_type="sigmoid", **targs)
-    return PreTokenizedDPOTrainer(model=model, ref_model=None, args=args,
-                                  train_dataset=Dataset.from_list(rows),
-                                  processing_class=tok, peft_config=peft_config(),
-                                  callbacks=[callback])
+    return PreTokenizedDPOTrainer(
+        model=model,
+        ref_model=None,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tok,
+        peft_config=peft_config(),
+        callbacks=[callback],
+    )
 
 
 def orpo_trainer(model, tok, pairs, targs, callback):
@@ -131,12 +166,19 @@ def orpo_trainer(model, tok, pairs, targs, callback):
             out["prompt_attention_mask"] = [1] * len(prompt)
             return out
 
-    rows = [{"prompt": "p", "chosen": "c", "rejected": "r", "ids": json.dumps(p)}
-            for p in pairs]
+    rows = [
+        {"prompt": "p", "chosen": "c", "rejected": "r", "ids": json.dumps(p)}
+        for p in pairs
+    ]
     args = ORPOConfig(**targs)
-    return PreTokenizedORPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                                   processing_class=tok, peft_config=peft_config(),
-                                   callbacks=[callback])
+    return PreTokenizedORPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tok,
+        peft_config=peft_config(),
+        callbacks=[callback],
+    )
 
 
 def collated_shape(trainer, method):
@@ -158,8 +200,9 @@ def time_method(method, job, tmp, gradient_checkpointing=False):
     tok = AutoTokenizer.from_pretrained(job["model"])
     model = load_model(job["model"])
     cb = make_callback()
-    targs = common_args(B, job["warmup"] + job["steps"], Path(tmp) / method,
-                        gradient_checkpointing)
+    targs = common_args(
+        B, job["warmup"] + job["steps"], Path(tmp) / method, gradient_checkpointing
+    )
     make = dpo_trainer if method == "dpo" else orpo_trainer
     trainer = make(model, tok, pairs, targs, cb)
     rows, width = collated_shape(trainer, method)
@@ -174,13 +217,15 @@ def time_method(method, job, tmp, gradient_checkpointing=False):
     result = {
         "first_step_ms": cb.seconds[0] * 1e3,
         "first_loss": cb.losses[0] if cb.losses else None,
-        "times_ms": [s * 1e3 for s in cb.seconds[job["warmup"]:]],
-        "cpu_ms": [s * 1e3 for s in cb.cpu[job["warmup"]:]],
+        "times_ms": [s * 1e3 for s in cb.seconds[job["warmup"] :]],
+        "cpu_ms": [s * 1e3 for s in cb.cpu[job["warmup"] :]],
         "rss_before_mb": rss_before,
         "rss_peak_mb": rss_peak_mb(),
         "wall_s": wall,
         "gradient_checkpointing": gradient_checkpointing,
-        "reference": "PEFT adapters disabled (ref_model=None)" if method == "dpo" else None,
+        "reference": (
+            "PEFT adapters disabled (ref_model=None)" if method == "dpo" else None
+        ),
         **stats,
     }
     del trainer, model
@@ -194,10 +239,17 @@ def main():
     import trl
 
     torch.set_num_threads(int(job.get("threads") or os.cpu_count() or 1))
-    out = {"tool": "trl", "methods": {},
-           "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                        "trl": trl.__version__, "peft": peft.__version__,
-                        "torch_threads": torch.get_num_threads()}}
+    out = {
+        "tool": "trl",
+        "methods": {},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "trl": trl.__version__,
+            "peft": peft.__version__,
+            "torch_threads": torch.get_num_threads(),
+        },
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for method in job["methods"]:
             gcp = method.endswith("+gc")
@@ -210,9 +262,16 @@ def main():
                 traceback.print_exc()
                 r = {"error": f"{type(e).__name__}: {e}"}
             out["methods"][method] = r
-            print(f"[trl] {method}: "
-                  + (f"{sorted(r['times_ms'])[len(r['times_ms']) // 2]:.0f} ms"
-                     if "times_ms" in r else r["error"]), file=sys.stderr, flush=True)
+            print(
+                f"[trl] {method}: "
+                + (
+                    f"{sorted(r['times_ms'])[len(r['times_ms']) // 2]:.0f} ms"
+                    if "times_ms" in r
+                    else r["error"]
+                ),
+                file=sys.stderr,
+                flush=True,
+            )
             write_json(sys.argv[2], out)
 
 

@@ -8,6 +8,13 @@ the model reads ``inputs = x[:, :-1]`` and predicts ``targets = x[:, 1:]``, so t
 import mlx.core as mx
 
 
+def fused_cross_entropy() -> bool:
+    """Whether mlx's fused cross-entropy kernel runs here (Metal and CUDA; on the CPU
+    ``mx.fast.cross_entropy`` falls back to the unfused ops, reducing in the logits' dtype).
+    """
+    return mx.default_device() == mx.gpu
+
+
 def token_logps(logits: mx.array, targets: mx.array, lse=None) -> mx.array:
     """log pi(target | prefix) for every position.
 
@@ -17,8 +24,11 @@ def token_logps(logits: mx.array, targets: mx.array, lse=None) -> mx.array:
         lse: (N, T) float32 ``logsumexp(logits)`` when the caller has it already.
 
     Returns:
-        (N, T) float32 log-probs: logit[target] - logsumexp(logits).
+        (N, T) float32 log-probs: logit[target] - logsumexp(logits); on a GPU without
+        ``lse``, from mlx's fused kernel (float32 accumulation), as mlx-lm's SFT loss.
     """
+    if lse is None and fused_cross_entropy():
+        return -mx.fast.cross_entropy(logits, targets)
     logits = logits.astype(mx.float32)
     picked = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)
     return picked - (mx.logsumexp(logits, axis=-1) if lse is None else lse)

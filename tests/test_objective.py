@@ -375,3 +375,23 @@ def test_log1mexp_is_accurate_and_has_finite_gradients():
     np.testing.assert_allclose(np.array(log1mexp(x)), expected, rtol=1e-5, atol=1e-12)
     g = mx.grad(lambda v: log1mexp(v).sum())(x)
     assert np.all(np.isfinite(np.array(g)))
+
+
+@pytest.mark.parametrize("loss_type", ["orpo", "simpo", "dpo"])
+def test_fused_cross_entropy_path_gives_the_same_numbers(loss_type, monkeypatch):
+    """On a GPU the log-probs come from mlx's fused cross-entropy (as mlx-lm's SFT loss);
+    its CPU fallback runs the same formula, so forcing that path here checks it."""
+    import mlx_lm_pref.logps as logps
+
+    model = tiny_lora_model()
+    tokens, spans = random_batch()
+    constants = PreferenceArgs(loss_type=loss_type).as_constants()
+    loss_and_grad = nn.value_and_grad(model, preference_loss)
+    (loss, _), grads = loss_and_grad(model, tokens, spans, constants)
+    metrics = model._pref_metrics
+    monkeypatch.setattr(logps, "fused_cross_entropy", lambda: True)
+    (fused, _), fused_grads = loss_and_grad(model, tokens, spans, constants)
+    assert abs(loss.item() - fused.item()) < 1e-6
+    assert np.allclose(metrics, model._pref_metrics, atol=1e-6)
+    for (_, g), (_, h) in zip(tree_flatten(grads), tree_flatten(fused_grads)):
+        assert mx.abs(g - h).max().item() < 1e-6
