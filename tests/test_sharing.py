@@ -319,3 +319,10 @@ def test_gradient_checkpointing_turns_sharing_off(tiny_model, tmp_path):
     )
     assert proc.returncode == 2 and "gradient checkpointing" in proc.stderr
     assert not (tmp_path / "true" / "adapters.safetensors").exists()
+
+
+def test_yaml_booleans_and_bad_values():
+    assert PreferenceArgs(prompt_sharing=True).prompt_sharing == "true"
+    assert PreferenceArgs(prompt_sharing=False).prompt_sharing == "false"
+    with pytest.raises(ConfigError, match="Unknown prompt_sharing 'always'"):
+        PreferenceArgs(prompt_sharing="always")
