@@ -269,8 +269,9 @@ for ax, wl in zip(axes[:, 0], workloads):
     w = 0.8 / max(len(methods), 1)
     for i, m in enumerate(methods):
         hatch = "//" if m.endswith("+share") else None
+        color = plt.get_cmap("tab20")(order.index(m) % 20) if m in order else None
         ax.bar([j + i * w for j in range(len(keys))], [data[k].get(m) or 0 for k in keys], w,
-               label=m, hatch=hatch)
+               label=m, hatch=hatch, color=color)
     ax.axhline(1.0, color="k", lw=0.8, ls="--", label="SFT")
     if "dpo" in methods and "forward" in methods:  # where DPO would be at SFT + forward
         i = methods.index("dpo")

@@ -130,7 +130,7 @@ def make_batch(batch, max_seq_length, source, options):
     rejected rows when they were precomputed."""
     collate_batch = collate
     if options.prompt_sharing != "false":
-        ratio = shared_positions(batch, max_seq_length)
+        ratio = shared_positions(batch, max_seq_length, source)
         if ratio is not None and (
             options.prompt_sharing == "true" or ratio <= SHARE_BELOW
         ):
@@ -148,30 +148,33 @@ def _padded(length):
     return 1 + PAD_TO * ((length - 1 + PAD_TO - 1) // PAD_TO)
 
 
-def _rows(batch, max_seq_length):
+def _rows(batch, max_seq_length, source="data"):
+    """The chosen rows then the rejected rows, cut to ``max_seq_length``, and where each
+    row's completion starts."""
     rows = [p.chosen[:max_seq_length] for p in batch]
     rows += [p.rejected[:max_seq_length] for p in batch]
     starts = [p.chosen_start for p in batch] + [p.rejected_start for p in batch]
-    return rows, starts
-
-
-def collate(batch, max_seq_length, source="data"):
-    rows, starts = _rows(batch, max_seq_length)
-    width = min(_padded(max(len(r) for r in rows)), max_seq_length)
-    tokens = np.zeros((len(rows), width), np.int32)
-    spans = np.zeros((len(rows), 2), np.int32)
-    for k, (row, start) in enumerate(zip(rows, starts)):
-        end = min(len(row), width)
-        if end <= max(start, 1):
+    # Token 0 has no prefix to predict it from, so a completion can start at 1 at the
+    # earliest (a prompt-less row without BOS loses its first token, as in TRL).
+    starts = [max(start, 1) for start in starts]
+    for row, start in zip(rows, starts):
+        if len(row) <= start:
             raise ValueError(
                 f"{source}: a completion is empty after truncation to "
                 f"max_seq_length={max_seq_length} (prompt {start} tokens, sequence "
                 f"{len(row)}). Raise max_seq_length or shorten the prompts."
             )
-        tokens[k, :end] = row[:end]
-        # Token 0 has no prefix to predict it from, so a completion can start at 1 at
-        # the earliest (a prompt-less row without BOS loses its first token, as in TRL).
-        spans[k] = (max(start, 1), end)
+    return rows, starts
+
+
+def collate(batch, max_seq_length, source="data"):
+    rows, starts = _rows(batch, max_seq_length, source)
+    width = min(_padded(max(len(r) for r in rows)), max_seq_length)
+    tokens = np.zeros((len(rows), width), np.int32)
+    spans = np.zeros((len(rows), 2), np.int32)
+    for k, (row, start) in enumerate(zip(rows, starts)):
+        tokens[k, : len(row)] = row
+        spans[k] = (start, len(row))
     return mx.array(tokens), mx.array(spans)
 
 
@@ -186,20 +189,19 @@ def _shared_prompt(chosen, rejected, chosen_start, rejected_start) -> int:
     return max(same - 1, 0)
 
 
-def _prompt_lengths(batch, max_seq_length):
-    B = len(batch)
-    rows, starts = _rows(batch, max_seq_length)
+def _prompt_lengths(rows, starts):
+    B = len(rows) // 2
     return [
         _shared_prompt(rows[k], rows[B + k], starts[k], starts[B + k]) for k in range(B)
     ]
 
 
-def shared_positions(batch, max_seq_length) -> float:
+def shared_positions(batch, max_seq_length, source="data") -> float:
     """Positions the shared layout computes, as a share of the concatenated layout's; None
     when no pair has a prompt to share."""
     B = len(batch)
-    rows, _ = _rows(batch, max_seq_length)
-    lengths = _prompt_lengths(batch, max_seq_length)
+    rows, starts = _rows(batch, max_seq_length, source)
+    lengths = _prompt_lengths(rows, starts)
     if max(lengths) == 0:
         return None
     concat = 2 * B * (min(_padded(max(len(r) for r in rows)), max_seq_length) - 1)
@@ -212,8 +214,8 @@ def collate_shared(batch, max_seq_length, source="data"):
     """The shared layout (see the module docstring): ``((prompts, prompt_lengths,
     continuations), spans)``."""
     B = len(batch)
-    rows, starts = _rows(batch, max_seq_length)
-    lengths = _prompt_lengths(batch, max_seq_length)
+    rows, starts = _rows(batch, max_seq_length, source)
+    lengths = _prompt_lengths(rows, starts)
     prompts = np.zeros((B, _padded(max(lengths) + 1)), np.int32)
     for k, P in enumerate(lengths):
         prompts[k, : P + 1] = rows[k][: P + 1]
@@ -222,13 +224,7 @@ def collate_shared(batch, max_seq_length, source="data"):
     spans = np.zeros((2 * B, 2), np.int32)
     for k, (tail, start) in enumerate(zip(tails, starts)):
         P = lengths[k % B]
-        if len(rows[k]) <= max(start, 1):
-            raise ValueError(
-                f"{source}: a completion is empty after truncation to "
-                f"max_seq_length={max_seq_length} (prompt {start} tokens, sequence "
-                f"{len(rows[k])}). Raise max_seq_length or shorten the prompts."
-            )
         continuations[k, : len(tail)] = tail
-        spans[k] = (max(start, 1) - P, len(rows[k]) - P)
+        spans[k] = (start - P, len(rows[k]) - P)
     tokens = (mx.array(prompts), mx.array(lengths, dtype=mx.int32))
     return tokens + (mx.array(continuations),), mx.array(spans)
