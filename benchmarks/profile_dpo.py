@@ -10,6 +10,7 @@ timed steps round-robin over the variants, on the mixed workload's batch and who
 - ``dpo``: sigmoid DPO, reference ``adapters_off``, with TRL's metrics;
 - ``dpo -metrics``: the same loss without the full-vocabulary metrics TRL reports for DPO
   (entropy, mean_token_accuracy, logits/*: their functions return zeros when traced);
+  ``dpo -entropy``: without the entropy alone;
 - ``dpo@none`` and ``dpo@none -metrics``: no reference pass at all.
 
 So ``dpo - dpo -metrics`` is what the metrics cost, ``dpo - dpo@none`` what the reference pass
@@ -26,7 +27,15 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-VARIANTS = ["sft", "forward", "dpo", "dpo -metrics", "dpo@none", "dpo@none -metrics"]
+VARIANTS = [
+    "sft",
+    "forward",
+    "dpo",
+    "dpo -metrics",
+    "dpo -entropy",
+    "dpo@none",
+    "dpo@none -metrics",
+]
 
 
 def measure(model_path, tokens, spans, pairs, steps):
@@ -38,13 +47,19 @@ def measure(model_path, tokens, spans, pairs, steps):
 
     job = {"pairs": pairs, "prompt_sharing": "false"}
     tokens, spans = mx.array(tokens, dtype=mx.int32), mx.array(spans, dtype=mx.int32)
-    originals = (objective._dpo_token_metrics, objective._mean_logits)
+    originals = (
+        objective._dpo_token_metrics,
+        objective._mean_logits,
+        objective.token_entropy,
+    )
     ready = {}
     for variant in VARIANTS:
         method, _, ablation = variant.partition(" -")
-        if ablation:  # traced (and so compiled) without the metrics
+        if ablation == "metrics":  # traced (and so compiled) without the metrics
             objective._dpo_token_metrics = lambda *a: [mx.array(0.0)] * 2
             objective._mean_logits = lambda *a, **k: [mx.array(0.0)] * 2
+        if ablation == "entropy":
+            objective.token_entropy = lambda logits, lse: mx.zeros_like(lse)
         try:
             model = W.load_lora_model(model_path)
             run, batch, _ = W.build(method, model, tokens, spans, job)
@@ -53,7 +68,11 @@ def measure(model_path, tokens, spans, pairs, steps):
             run(batch)
             run(batch)
         finally:
-            objective._dpo_token_metrics, objective._mean_logits = originals
+            (
+                objective._dpo_token_metrics,
+                objective._mean_logits,
+                objective.token_entropy,
+            ) = originals
         ready[variant] = (run, batch, model)
     times = {v: [] for v in VARIANTS}
     for i in range(steps):
@@ -128,11 +147,12 @@ def main():
             key, *(f"{t[v]:.0f}" for v in VARIANTS),
             f"{t['dpo'] / (t['sft'] + t['forward']):.2f}",
             f"{(t['dpo'] - t['dpo -metrics']) / t['dpo']:.0%}",
+            f"{(t['dpo'] - t['dpo -entropy']) / t['dpo']:.0%}",
             f"{(t['dpo'] - t['dpo@none']) / t['forward']:.2f}",
             f"{t['dpo@none -metrics'] / t['sft']:.2f}",
         ])  # fmt: skip
     header_row = ["model/pairs", *(f"{v} ms" for v in VARIANTS), "DPO / (SFT + fwd)",
-                  "metrics share of DPO", "ref. pass in DPO / forward",
+                  "metrics share of DPO", "entropy share of DPO", "ref. pass in DPO / forward",
                   "policy part / SFT"]  # fmt: skip
     table = markdown_table(header_row, rows)
     print(table)
@@ -146,7 +166,8 @@ def main():
         + "; ".join(describe_size(s) for s in a.sizes) + ".",
         "",
         "`-metrics`: the same DPO step traced without the full-vocabulary metrics TRL "
-        "reports (entropy, mean_token_accuracy, logits/chosen|rejected). `@none`: no "
+        "reports (entropy, mean_token_accuracy, logits/chosen|rejected); `-entropy`: "
+        "without the entropy alone. `@none`: no "
         "reference pass. Derived columns: the metrics' share of the DPO step; what the "
         "reference pass adds to the DPO step, relative to a forward pass alone; the rest "
         "of the DPO step (policy forward + backward + loss) relative to SFT.",

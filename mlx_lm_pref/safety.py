@@ -8,6 +8,9 @@ while a preference run is in progress, refuse non-finite weights.
 """
 
 import os
+import signal
+import threading
+from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 
@@ -30,6 +33,7 @@ class RunGuard:
         self.iteration = 0  # training steps completed
         self.saved_at = None  # the iteration whose weights adapter_file holds
         self.skipped = []
+        self.interrupted = False
 
     def check_step(self):
         """After a step: its loss and metrics must be finite (one scalar read per step,
@@ -56,9 +60,35 @@ class RunGuard:
             return "No adapter was saved by this run."
         return f"{self.adapter_file} holds the weights of iteration {self.saved_at}, intact."
 
+    @contextmanager
+    def ctrl_c_between_steps(self):
+        """The first Ctrl-C ends the run before its next step; a second one at once.
+
+        A KeyboardInterrupt raised wherever the interpreter happens to be can be lost (one
+        that lands in a destructor is printed and dropped); a flag read between steps cannot.
+        """
+        if (
+            threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+        ):
+            yield  # someone else handles Ctrl-C here
+            return
+
+        def first(signum, frame):
+            self.interrupted = True
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+        signal.signal(signal.SIGINT, first)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
     def watch(self, batches):
         """Pass mlx-lm's batches through, checking each finished step before the next."""
         for batch in batches:
+            if self.interrupted:
+                raise KeyboardInterrupt
             if self.iteration:
                 self.check_step()
             self.iteration += 1  # the step about to run (and save)

@@ -108,7 +108,8 @@ def train(wrapped, instance, args, kwargs):
     init_metric_state(model, options)
     token = active_guard.set(guard)
     try:
-        return wrapped(*bound.args, **bound.kwargs)
+        with guard.ctrl_c_between_steps():
+            return wrapped(*bound.args, **bound.kwargs)
     except KeyboardInterrupt:
         print(
             f"\n[mlx_lm_pref] Interrupted after iteration {guard.iteration}. {guard.on_disk()}"
