@@ -130,6 +130,9 @@ def test_ctrl_c_ends_cleanly_saying_what_was_saved(tiny_model, tmp_path):
         stderr=subprocess.STDOUT,
         text=True,
         env=env,
+        # A suite started in the background inherits an ignored SIGINT, and Python keeps
+        # ignoring it: give the run a terminal's default, as a user's would have.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     lines = []
     for line in proc.stdout:
