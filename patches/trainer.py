@@ -130,6 +130,8 @@ def _resolve(model, options, training_args):
     it, and say which it is."""
     checkpointing = getattr(training_args, "grad_checkpoint", False)
     options = resolve_prompt_sharing(model, options, checkpointing)
+    if options.prompt_sharing != "false" and mx.distributed.init().rank() == 0:
+        print(f"[mlx_lm_pref] prompt sharing: {SHARING_NAMES[options.prompt_sharing]}")
     if not options.needs_reference:
         return options
     options = options.replace(reference=resolve_reference(model, options.reference))
@@ -169,6 +171,10 @@ class WatchedBatches:
         return self.guard.watch(self.unwatched(*args, **kwargs))
 
 
+SHARING_NAMES = {
+    "auto": "auto (each prompt run once in the batches where that computes fewer positions)",
+    "true": "on (each prompt run once in every batch)",
+}
 REFERENCE_NAMES = {
     "precomputed": "precomputed (the model as training starts, scored once before step 1)",
     "adapters_off": "adapters_off (the base model: LoRA scales set to 0)",

@@ -284,6 +284,7 @@ def test_training_is_the_same_run_with_and_without_sharing(
             "0",
         )
         assert "prompt sharing off" not in proc.stdout
+        assert ("prompt sharing: auto" in proc.stdout) == (sharing == "auto")
         runs[sharing] = (read_metrics(out), proc.stdout)
     shared, rows = runs["auto"][0], runs["false"][0]
     assert len(shared) == len(rows) >= 4 + 3 + 1  # steps, validations, test
