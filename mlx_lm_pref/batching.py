@@ -148,6 +148,18 @@ def _padded(length):
     return 1 + PAD_TO * ((length - 1 + PAD_TO - 1) // PAD_TO)
 
 
+def _width(rows, max_seq_length):
+    """The whole-row layout's width."""
+    return min(_padded(max(len(r) for r in rows)), max_seq_length)
+
+
+def _shared_widths(rows, lengths):
+    """The shared layout's prompt and continuation widths."""
+    B = len(rows) // 2
+    tails = (len(r) - lengths[k % B] for k, r in enumerate(rows))
+    return _padded(max(lengths) + 1), _padded(max(tails))
+
+
 def _rows(batch, max_seq_length, source="data"):
     """The chosen rows then the rejected rows, cut to ``max_seq_length``, and where each
     row's completion starts."""
@@ -169,8 +181,7 @@ def _rows(batch, max_seq_length, source="data"):
 
 def collate(batch, max_seq_length, source="data"):
     rows, starts = _rows(batch, max_seq_length, source)
-    width = min(_padded(max(len(r) for r in rows)), max_seq_length)
-    tokens = np.zeros((len(rows), width), np.int32)
+    tokens = np.zeros((len(rows), _width(rows, max_seq_length)), np.int32)
     spans = np.zeros((len(rows), 2), np.int32)
     for k, (row, start) in enumerate(zip(rows, starts)):
         tokens[k, : len(row)] = row
@@ -204,10 +215,10 @@ def shared_positions(batch, max_seq_length, source="data") -> float:
     lengths = _prompt_lengths(rows, starts)
     if max(lengths) == 0:
         return None
-    concat = 2 * B * (min(_padded(max(len(r) for r in rows)), max_seq_length) - 1)
-    longest = max(len(r) - lengths[k % B] for k, r in enumerate(rows))
-    shared = B * (_padded(max(lengths) + 1) - 1) + 2 * B * (_padded(longest) - 1)
-    return shared / concat
+    prompt, continuation = _shared_widths(rows, lengths)
+    return (B * (prompt - 1) + 2 * B * (continuation - 1)) / (
+        2 * B * (_width(rows, max_seq_length) - 1)
+    )
 
 
 def collate_shared(batch, max_seq_length, source="data"):
@@ -216,15 +227,15 @@ def collate_shared(batch, max_seq_length, source="data"):
     B = len(batch)
     rows, starts = _rows(batch, max_seq_length, source)
     lengths = _prompt_lengths(rows, starts)
-    prompts = np.zeros((B, _padded(max(lengths) + 1)), np.int32)
+    prompt_width, continuation_width = _shared_widths(rows, lengths)
+    prompts = np.zeros((B, prompt_width), np.int32)
     for k, P in enumerate(lengths):
         prompts[k, : P + 1] = rows[k][: P + 1]
-    tails = [r[lengths[k % B] :] for k, r in enumerate(rows)]
-    continuations = np.zeros((2 * B, _padded(max(len(t) for t in tails))), np.int32)
+    continuations = np.zeros((2 * B, continuation_width), np.int32)
     spans = np.zeros((2 * B, 2), np.int32)
-    for k, (tail, start) in enumerate(zip(tails, starts)):
+    for k, (row, start) in enumerate(zip(rows, starts)):
         P = lengths[k % B]
-        continuations[k, : len(tail)] = tail
-        spans[k] = (start - P, len(rows[k]) - P)
+        continuations[k, : len(row) - P] = row[P:]
+        spans[k] = (start - P, len(row) - P)
     tokens = (mx.array(prompts), mx.array(lengths, dtype=mx.int32))
     return tokens + (mx.array(continuations),), mx.array(spans)

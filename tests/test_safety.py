@@ -9,6 +9,7 @@ import textwrap
 import time
 
 import mlx.core as mx
+import pytest
 from conftest import lora, write_data
 
 TRAIN = [
@@ -175,3 +176,27 @@ def test_skip_mode_drops_non_finite_updates_and_goes_on(tiny_model, tmp_path):
     first = (out / "0000001_adapters.safetensors").read_bytes()
     assert (out / "0000005_adapters.safetensors").read_bytes() == first
     assert (out / "adapters.safetensors").read_bytes() == first
+
+
+def test_first_ctrl_c_waits_for_the_step_boundary_second_interrupts_at_once():
+    """The first SIGINT only sets a flag (nothing mid-step can swallow it); the batch
+    iterator raises at the next step; a second SIGINT raises where it lands."""
+    from mlx_lm_pref.safety import RunGuard
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        guard = RunGuard(None, "adapters.safetensors")
+        batches = guard.watch(iter(["b1", "b2"]))
+        with guard.ctrl_c_between_steps():
+            assert next(batches) == "b1"
+            os.kill(os.getpid(), signal.SIGINT)  # mid-step: no exception here
+            assert guard.interrupted
+            with pytest.raises(KeyboardInterrupt):  # the second one
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.1)
+            guard.iteration = 0  # skip the finiteness check of the (model-less) step
+            with pytest.raises(KeyboardInterrupt):
+                next(batches)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
