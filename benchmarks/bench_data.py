@@ -1,6 +1,6 @@
 """Synthetic models and preference data for the benchmarks (runs in the product's venv).
 
-- ``build_assets(size, root)``: a tokenizer trained by ``mlx_lm_pref.tiny.build_tokenizer`` on a
+- ``build_assets(size, root)``: a tokenizer trained by ``mlx_lm_pref.demo.tiny.build_tokenizer`` on a
   pseudo-word corpus and random Llama weights (``mlx_lm.models.llama``) in an HF-style folder
   (``config.json`` + ``model.safetensors`` with HF names), which ``mlx_lm.load``,
   mlx-lm-lora and ``transformers`` all open.
@@ -47,7 +47,7 @@ def corpus(seed=0):
 def build_assets(size: str, root) -> Path:
     import json
 
-    from mlx_lm_pref.tiny import build_model
+    from mlx_lm_pref.demo.tiny import build_model
 
     path = Path(root) / f"llama_{size}"
     try:  # reuse a folder built earlier with the same configuration
@@ -116,10 +116,8 @@ def sample_batch(model_path, batch_size, mix, seed=0, pairs_per_batch=8):
         rows, tok, options, source="bench", max_seq_length=max_len
     )
     batches = [
-        (t, s)
-        for t, s, _ in iterate_preference_batches(
-            dataset, batch_size, max_len, seed=seed
-        )
+        (b.tokens, b.spans)
+        for (b,) in iterate_preference_batches(dataset, batch_size, max_len, seed=seed)
     ]
     real = sum(int(s[:, 1].sum().item()) for _, s in batches)
     computed = sum(t.shape[0] * t.shape[1] for t, _ in batches)
@@ -145,7 +143,10 @@ def sample_batch(model_path, batch_size, mix, seed=0, pairs_per_batch=8):
         max_seq_length=max_len,
     )
     shared = [
-        b[0] for b in iterate_preference_batches(auto, batch_size, max_len, seed=seed)
+        b.tokens
+        for (b,) in iterate_preference_batches(
+            auto, batch_size, max_len, seed=seed, prompt_sharing="auto"
+        )
     ]
     info = {
         "pairs": pairs,

@@ -10,7 +10,7 @@ lengths follow the length mix, through the product's real data path (PreferenceD
 DPO's TRL tokenization, iterate_preference_batches; the batch of median width of one epoch).
 A worker process (worker_mlx_pref.py) then times, on exactly those 2B sequences, mlx-lm's own
 compiled training step for SFT (mlx-lm's default_loss), DPO (reference adapters_off), ORPO and
-SimPO (mlx_lm_pref.objective.preference_loss), and a compiled forward pass with log-probs
+SimPO (mlx_lm_pref.objective.PreferenceLoss), and a compiled forward pass with log-probs
 (what DPO's reference pass costs). Every figure is also given as a ratio to SFT from the same
 run. Prints the table and writes it to benchmarks/RESULTS.md (section "methods"), the raw
 numbers to benchmarks/results/methods.json and a chart to benchmarks/results/methods.png.

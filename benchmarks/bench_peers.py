@@ -307,7 +307,7 @@ How each tool is driven (one worker process per tool, size and batch; same model
 token ids):
 
 - **mlx_lm_pref**: mlx-lm's compiled training step as `mlx_lm.tuner.trainer.train` builds it,
-  loss `mlx_lm_pref.objective.preference_loss`, on the batch `mlx_lm_pref.batching.make_batch`
+  loss `mlx_lm_pref.objective.PreferenceLoss`, on the batch `mlx_lm_pref.batching.make_batch`
   builds with the defaults: `prompt_sharing: auto`, which on these batches runs each prompt
   once (B rows) and both completions on its keys and values (2B rows; `width` = prompt +
   continuation width). **mlx_lm_pref (no sharing)**: the same with `prompt_sharing: false`,

@@ -11,8 +11,8 @@ and mlx-lm's own compiled training step, built as ``mlx_lm.tuner.trainer.train``
 - ``forward``: one compiled forward pass plus per-token log-probs over the same 2B sequences
   (what DPO's reference pass costs), no gradient;
 - any ``loss_type`` of ``mlx_lm_pref.config.PreferenceArgs`` (``dpo``, ``orpo``, ``cpo``,
-  ``simpo``...): ``mlx_lm_pref.objective.preference_loss`` with ``options.as_constants()``,
-  after ``init_metric_state``, on the batch the product's ``batching.make_batch`` builds from
+  ``simpo``...): ``mlx_lm_pref.objective.PreferenceLoss(options)``, the loss ``train()``
+  binds to a run's options, on the batch the product's ``batching.make_batch`` builds from
   the job's pairs. ``dpo@<reference>`` picks DPO's reference (default ``adapters_off``);
   a ``+share`` suffix sets ``prompt_sharing: true`` (each prompt once), and without it the
   job's ``prompt_sharing`` applies (default ``false``: whole rows, the same (2B, L) array as
@@ -112,13 +112,14 @@ def preference_batch(model, options, job):
         Pair(p["chosen"], p["rejected"], p["chosen_start"], p["rejected_start"])
         for p in job["pairs"]
     ]
-    return make_batch(pairs, 1 << 16, "bench", options)
+    return make_batch(pairs, 1 << 16, "bench", options.prompt_sharing)
 
 
-def layout_stats(tokens, spans):
+def layout_stats(batch):
     """batch_stats of a preference batch in either layout: the shared one computes
     B x prompt width + 2B x continuation width positions."""
-    if not isinstance(tokens, tuple):
+    tokens, spans = batch.tokens, batch.spans
+    if not batch.shared:
         return batch_stats(spans[:, 1].tolist(), tokens.shape[0], tokens.shape[1])
     prompts, lengths, rows = tokens
     ends = (spans[:, 1] + mx.concatenate([lengths, lengths])).tolist()
@@ -141,11 +142,11 @@ def build(method, model, tokens, spans, job):
         return compiled_train_step(model, opt, default_loss), (tokens, lengths), None
     from mlx_lm_pref.config import PreferenceArgs
     from mlx_lm_pref.objective import (
-        init_metric_state,
-        preference_loss,
+        METRICS_ATTRIBUTE,
+        PreferenceLoss,
         sequence_logps_dpo,
     )
-    from mlx_lm_pref.reference import freeze_initial_adapter
+    from mlx_lm_pref.reference import InitialAdapter
 
     # "dpo@precomputed+share": a loss_type, for DPO a reference strategy (default
     # adapters_off), and +share for prompt sharing
@@ -156,14 +157,16 @@ def build(method, model, tokens, spans, job):
         reference=reference or "adapters_off",
         prompt_sharing="true" if share else job.get("prompt_sharing", "false"),
     )
-    init_metric_state(model, options)
+    loss = PreferenceLoss(
+        options,
+        InitialAdapter(model) if options.reference == "initial_adapter" else None,
+    )
+    model[METRICS_ATTRIBUTE] = mx.zeros((len(loss.metric_names),))  # as train() does
     batch = preference_batch(model, options, job)
-    if options.reference == "initial_adapter":
-        freeze_initial_adapter(model)
     if options.reference == "precomputed":  # scored once, outside the timed steps
-        batch += (mx.stop_gradient(sequence_logps_dpo(model, *batch[:2])),)
-    stats = layout_stats(*batch[:2])
-    return compiled_train_step(model, opt, preference_loss), batch, stats
+        reference = mx.stop_gradient(sequence_logps_dpo(model, batch))
+        batch = batch._replace(reference=reference)
+    return compiled_train_step(model, opt, loss), (batch,), layout_stats(batch)
 
 
 def param_mb(model):

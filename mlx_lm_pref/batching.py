@@ -1,13 +1,14 @@
 """Preference batches: chosen rows then rejected rows, one (2B, L) array.
 
-Both iterators yield ``(tokens, spans, options)``, and with precomputed reference log-probs
-``(tokens, spans, options, reference)``:
+Both iterators yield one-element tuples ``(PreferenceBatch,)`` (mlx-lm calls
+``loss(model, *batch)``, so a preference loss gets ``loss(model, batch)`` and can tell the
+batch by its type). A ``PreferenceBatch`` holds data only:
 - ``tokens``: (2B, L) int32, rows ``[0, B)`` are the chosen sequences and ``[B, 2B)`` the
   rejected ones of the same pairs, right-padded with 0;
 - ``spans``: (2B, 2) int32, ``[completion start, sequence end)`` per row, in token indices
   (chosen and rejected rows each carry their own start);
-- ``options``: ``PreferenceArgs.as_constants()``, compile-time constants for the loss;
-- ``reference``: (2B,) float32 reference log-probs of each row (``reference: precomputed``).
+- ``reference``: (2B,) float32 reference log-probs of each row (``reference: precomputed``),
+  else None.
 
 Training (``iterate_preference_batches``) follows mlx-lm's ``iterate_batches``: pairs sorted by
 length and cut into full batches (so chosen and rejected lengths stay close; the remainder is
@@ -21,7 +22,7 @@ Either way the width is padded to one plus a multiple of 32 (at most ``max_seq_l
 bound recompilation; padding never reaches a loss or a metric.
 
 With prompt sharing (``sharing``) a batch comes in the shared layout instead: ``tokens`` is
-the tuple ``(prompts, prompt_lengths, continuations)``:
+a ``SharedTokens`` ``(prompts, prompt_lengths, continuations)``:
 - ``prompts``: (B, 1 + Wp) int32, per pair its first ``P + 1`` tokens, right-padded, where
   the first ``P + 1`` tokens of its chosen and rejected rows are the same and ``P`` is at
   most the earlier completion start minus one;
@@ -32,16 +33,51 @@ and ``spans`` count in continuation tokens (``[start - P, end - P)``). Token ``P
 prompt rows and starts the continuations, so the model reads inputs ``prompts[:, :-1]`` and
 ``continuations[:, :-1]`` and every target of the whole rows is predicted exactly once.
 ``prompt_sharing: auto`` picks this layout for a batch when it computes fewer positions
-(``SHARE_BELOW``).
+(``SHARE_BELOW``). The iterators take the layout as an argument (``prompt_sharing``,
+default ``false``): ``train()`` binds it to the run's decision (``sharing`` checks the model
+first).
 """
 
 import math
+from typing import NamedTuple, Optional, Union
 
 import mlx.core as mx
 import numpy as np
 from mlx_lm.tuner.datasets import CacheDataset
 
 from .data import PreferenceDataset
+
+
+class SharedTokens(NamedTuple):
+    """The shared layout's tokens (see the module docstring)."""
+
+    prompts: mx.array  # (B, 1 + Wp)
+    prompt_lengths: mx.array  # (B,)
+    continuations: mx.array  # (2B, 1 + Wc)
+
+
+class PreferenceBatch(NamedTuple):
+    """One batch of B preference pairs, in either layout (see the module docstring)."""
+
+    tokens: Union[mx.array, SharedTokens]
+    spans: mx.array  # (2B, 2)
+    reference: Optional[mx.array] = None  # (2B,)
+
+    @property
+    def pairs(self) -> int:
+        return self.spans.shape[0] // 2
+
+    @property
+    def shared(self) -> bool:
+        return isinstance(self.tokens, SharedTokens)
+
+    def num_tokens(self) -> mx.array:
+        """The real tokens of the batch (both rows of every pair, prompts included)."""
+        total = self.spans[:, 1].sum()
+        if self.shared:  # the continuations' spans start after P
+            total = total + 2 * self.tokens.prompt_lengths.sum()
+        return total
+
 
 PAD_TO = 32
 # auto shares the prompt when the shared layout computes at most this share of the
@@ -70,6 +106,7 @@ def iterate_preference_batches(
     loop=False,
     seed=None,
     comm_group=None,
+    prompt_sharing="false",
 ):
     pairs = preference_dataset_of(dataset)
     if len(pairs) < batch_size:
@@ -88,7 +125,7 @@ def iterate_preference_batches(
     while True:
         for i in np.random.permutation(len(batch_idx)):
             batch = [pairs[j] for j in batch_idx[i]]
-            yield make_batch(batch, max_seq_length, pairs.source, pairs.options)
+            yield (make_batch(batch, max_seq_length, pairs.source, prompt_sharing),)
         if not loop:
             break
 
@@ -99,7 +136,14 @@ def eval_batch_count(dataset, batch_size) -> int:
     return math.ceil(len(preference_dataset_of(dataset)) / batch_size)
 
 
-def iterate_eval_batches(dataset, batch_size, max_seq_length, comm_group=None, **_):
+def iterate_eval_batches(
+    dataset,
+    batch_size,
+    max_seq_length,
+    comm_group=None,
+    prompt_sharing="false",
+    **_,
+):
     """Batches in TRL's evaluation order: pairs ``[k*B, (k+1)*B)`` in dataset order for
     k = 0, 1, ..., the last batch holding the remainder when ``B`` does not divide the
     number of pairs (TRL's ``DataLoader`` keeps it; nothing is sorted, shuffled or left out).
@@ -122,25 +166,23 @@ def iterate_eval_batches(dataset, batch_size, max_seq_length, comm_group=None, *
         batch = [pairs[j] for j in chunk[offset::step]]
         if not batch:
             continue
-        yield make_batch(batch, max_seq_length, pairs.source, pairs.options)
+        yield (make_batch(batch, max_seq_length, pairs.source, prompt_sharing),)
 
 
-def make_batch(batch, max_seq_length, source, options):
-    """``(tokens, spans, constants)``, plus the (2B,) reference log-probs of chosen then
-    rejected rows when they were precomputed."""
+def make_batch(batch, max_seq_length, source="data", prompt_sharing="false"):
+    """A ``PreferenceBatch`` of ``batch`` (a list of ``Pair``), in the layout
+    ``prompt_sharing`` asks for, with the pairs' precomputed reference log-probs if any.
+    """
     collate_batch = collate
-    if options.prompt_sharing != "false":
+    if prompt_sharing != "false":
         ratio = shared_positions(batch, max_seq_length, source)
-        if ratio is not None and (
-            options.prompt_sharing == "true" or ratio <= SHARE_BELOW
-        ):
+        if ratio is not None and (prompt_sharing == "true" or ratio <= SHARE_BELOW):
             collate_batch = collate_shared
     tokens, spans = collate_batch(batch, max_seq_length, source)
-    constants = options.as_constants()
     if batch[0].reference is None:
-        return tokens, spans, constants
+        return PreferenceBatch(tokens, spans)
     reference = [p.reference[0] for p in batch] + [p.reference[1] for p in batch]
-    return tokens, spans, constants, mx.array(reference, dtype=mx.float32)
+    return PreferenceBatch(tokens, spans, mx.array(reference, dtype=mx.float32))
 
 
 def _padded(length):
@@ -237,5 +279,7 @@ def collate_shared(batch, max_seq_length, source="data"):
         P = lengths[k % B]
         continuations[k, : len(row) - P] = row[P:]
         spans[k] = (start - P, len(row) - P)
-    tokens = (mx.array(prompts), mx.array(lengths, dtype=mx.int32))
-    return tokens + (mx.array(continuations),), mx.array(spans)
+    tokens = SharedTokens(
+        mx.array(prompts), mx.array(lengths, dtype=mx.int32), mx.array(continuations)
+    )
+    return tokens, mx.array(spans)

@@ -6,25 +6,13 @@ COMMANDS = ("lora", "demo")
 
 
 def lora():
-    """``mlx_lm.lora`` with the preference options: every upstream flag works unchanged."""
+    """``mlx_lm.lora`` with the preference options: every upstream flag works unchanged
+    (its ``main`` is patched: our errors are one line and an exit code)."""
     from mlx_lm import lora as mlx_lm_lora
 
     import mlx_lm_pref  # noqa: F401  (activation)
-    from mlx_lm_pref.config import ConfigError
-    from mlx_lm_pref.data import DataError
-    from mlx_lm_pref.safety import NonFiniteError
 
-    # Our own errors say what to fix and what is on disk; a traceback would bury that.
-    try:
-        mlx_lm_lora.main()
-    except (ConfigError, DataError) as e:
-        print(f"mlx_lm_pref: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except NonFiniteError as e:
-        print(f"mlx_lm_pref: training stopped: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)  # the trainer already said what was saved
+    mlx_lm_lora.main()
 
 
 def main():

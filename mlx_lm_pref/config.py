@@ -13,10 +13,8 @@ both paths, because YAML values never pass through argparse.
 """
 
 import argparse
-import json
-from contextlib import contextmanager
-from contextvars import ContextVar
-from dataclasses import asdict, dataclass, field, fields, replace
+import math
+from dataclasses import dataclass, field, fields, replace
 from typing import Optional, Tuple
 
 DPO_LOSSES = (
@@ -56,13 +54,45 @@ class ConfigError(ValueError):
 def _names(value) -> Tuple[str, ...]:
     if isinstance(value, str):
         value = value.split(",")
-    return tuple(str(v).strip() for v in value)
+    if (
+        not isinstance(value, (list, tuple))
+        or not value
+        or not all(isinstance(v, str) for v in value)
+    ):
+        raise ConfigError(
+            f"loss_type must be a name or a list of names, got {value!r}."
+        )
+    return tuple(v.strip() for v in value)
 
 
-def _floats(value) -> Tuple[float, ...]:
+def _unknown(name, value, choices) -> ConfigError:
+    guess = close_match(value, choices)
+    hint = f" Did you mean {guess!r}?" if guess else ""
+    return ConfigError(
+        f"Unknown {name} {value!r}. Valid values: {', '.join(choices)}.{hint}"
+    )
+
+
+def _number(name, value) -> float:
+    """A float option's value: a finite number, or text that reads as one (argparse,
+    YAML)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{name} must be a number, got {value}.")
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"{name} must be a number, got {value!r}.") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}.")
+    return number
+
+
+def _floats(value, name="loss_weights") -> Tuple[float, ...]:
     if isinstance(value, str):
         value = value.split(",")
-    return tuple(float(v) for v in value)
+    if not isinstance(value, (list, tuple)):
+        value = (value,)
+    return tuple(_number(name, v) for v in value)
 
 
 @dataclass(frozen=True)
@@ -73,7 +103,6 @@ class PreferenceArgs:
             "help": "sft (mlx-lm's own loss, untouched), dpo (= sigmoid) or any TRL DPO loss "
             f"({', '.join(DPO_LOSSES)}), a comma-separated list of DPO losses combined "
             "with --loss-weights, orpo, cpo, simpo or alphapo.",
-            "parse": _names,
         },
     )
     beta: float = field(
@@ -87,7 +116,6 @@ class PreferenceArgs:
         default=None,
         metadata={
             "help": "Weights of the DPO losses in --loss-type, comma-separated (1 each).",
-            "parse": _floats,
         },
     )
     label_smoothing: float = field(
@@ -217,14 +245,10 @@ class PreferenceArgs:
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
             if choices and value not in choices:
-                raise ConfigError(
-                    f"Unknown {f.name} {value!r}. Valid values: {', '.join(choices)}."
-                )
+                raise _unknown(f.name, value, choices)
         for name in self.loss_type:
             if name not in LOSS_TYPES:
-                raise ConfigError(
-                    f"Unknown loss_type {name!r}. Valid values: {', '.join(LOSS_TYPES)}."
-                )
+                raise _unknown("loss_type", name, LOSS_TYPES)
         self._normalise(set_)
         self._validate()
 
@@ -306,28 +330,29 @@ class PreferenceArgs:
 
     @classmethod
     def from_namespace(cls, ns) -> "PreferenceArgs":
-        """Read the options from an argparse/SimpleNamespace or a dataclass; None means default."""
+        """Read the options from an argparse/SimpleNamespace (the merged CLI and YAML values
+        of mlx_lm.lora) or a dataclass; None means default. A value of the wrong type (a
+        YAML string where a boolean or a number belongs) is refused, not coerced: the string
+        "false" would otherwise be true."""
         values = {}
         for f in fields(cls):
             v = getattr(ns, f.name, None)
             if v is None:
                 continue
+            if f.type is bool and not isinstance(v, bool):
+                raise ConfigError(
+                    f"{f.name} must be true or false, got {v!r}"
+                    + (
+                        " (a string: write it without quotes)"
+                        if isinstance(v, str)
+                        else ""
+                    )
+                    + "."
+                )
             if f.type in (float, Optional[float]):
-                v = float(v)
+                v = _number(f.name, v)
             values[f.name] = v
         return cls(**values)
-
-    def as_constants(self) -> str:
-        """The options as one string, a leaf mx.compile accepts as a constant.
-
-        Preference batches carry it, so the loss knows how to score a batch without any
-        global state; ``PreferenceArgs.from_constants`` reads it back.
-        """
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_constants(cls, constants: str) -> "PreferenceArgs":
-        return cls(**json.loads(constants))
 
     def replace(self, **changes) -> "PreferenceArgs":
         return replace(self, **changes)
@@ -342,52 +367,55 @@ def config_defaults() -> dict:
     return {f.name: plain(f.default) for f in fields(PreferenceArgs)}
 
 
-def _cli_type(f):
-    if "parse" in f.metadata:
-        return str
-    if f.type is bool:
-        return lambda s: {"true": True, "false": False, "1": True, "0": False}[
-            s.lower()
-        ]
-    return float if f.type in (float, Optional[float]) else str
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per option. Defaults stay None so a YAML value can fill them in."""
+    """Add one flag per option, in mlx-lm's style: booleans are ``store_true`` flags, and
+    defaults stay None so a YAML value can fill them in."""
     group = parser.add_argument_group("preference tuning (mlx_lm_pref)")
     for f in fields(PreferenceArgs):
         default = f.default
         if isinstance(default, tuple):
             default = ",".join(map(str, default))
+        flag = "--" + f.name.replace("_", "-")
+        help = f"{f.metadata['help']} Default: {default}."
+        if f.type is bool:
+            group.add_argument(flag, action="store_true", default=None, help=help)
+            continue
         group.add_argument(
-            "--" + f.name.replace("_", "-"),
-            type=_cli_type(f),
+            flag,
+            type=float if f.type in (float, Optional[float]) else str,
             choices=f.metadata.get("choices"),
             default=None,
-            help=f"{f.metadata['help']} Default: {default}.",
+            help=help,
         )
 
 
-# The options of the mlx_lm.lora run in progress. Datasets built without a config that names
-# them (mlx-lm's hf_dataset path passes each dataset's own entry as the config) read them here.
-_active = ContextVar("mlx_lm_pref_options", default=PreferenceArgs())
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance with adjacent transpositions counting one (optimal string
+    alignment): 'chosne' is one edit from 'chosen'."""
+    d = [
+        [i + j if i * j == 0 else 0 for j in range(len(b) + 1)]
+        for i in range(len(a) + 1)
+    ]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            d[i][j] = min(
+                d[i - 1][j] + 1,
+                d[i][j - 1] + 1,
+                d[i - 1][j - 1] + (a[i - 1] != b[j - 1]),
+            )
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
+    return d[len(a)][len(b)]
 
 
-def active_options() -> PreferenceArgs:
-    return _active.get()
-
-
-@contextmanager
-def using_options(options: PreferenceArgs):
-    token = _active.set(options)
-    try:
-        yield options
-    finally:
-        _active.reset(token)
-
-
-def options_for(config) -> PreferenceArgs:
-    """The options a dataset config asks for, or those of the run in progress."""
-    if getattr(config, "loss_type", None) is not None:
-        return PreferenceArgs.from_namespace(config)
-    return active_options()
+def close_match(name: str, known) -> Optional[str]:
+    """The known name ``name`` is probably a misspelling of: one edit away (two for names
+    of 6 characters or more), case and '-'/'_' aside; None if there is none."""
+    if not isinstance(name, str):
+        return None
+    plain = name.lower().replace("-", "_")
+    limit = 1 if len(plain) < 6 else 2
+    best = min(known, key=lambda k: edit_distance(plain, k), default=None)
+    if best is None or best == name or edit_distance(plain, best) > limit:
+        return None
+    return best

@@ -39,13 +39,13 @@ Every row is checked before anything is tokenized; a bad row raises ``DataError`
 source (file), the line and the field.
 """
 
-import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from .config import PreferenceArgs
+from .config import PreferenceArgs, close_match
+from .console import log
 
 
 class DataError(ValueError):
@@ -126,46 +126,71 @@ def extract_prompt(chosen, rejected) -> tuple:
 
 FIELDS = ("prompt", "chosen", "rejected", "tools", "chat_template_kwargs")
 ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
+COLUMNS = {name: name for name in ("prompt", "chosen", "rejected")}
 
 
-def _close(name, known):
-    return difflib.get_close_matches(name, known, n=1, cutoff=0.85)
+def _check_row(row, where: str, columns=COLUMNS) -> tuple:
+    """Validate one row and return ``(prompt, chosen, rejected, conversational)``.
 
-
-def _check_row(row, where: str) -> tuple:
-    """Validate one row and return ``(prompt, chosen, rejected, conversational)``."""
+    ``columns`` maps ``prompt``, ``chosen`` and ``rejected`` to the row's own column names
+    (mlx-lm's ``prompt_feature`` convention); messages name the row's columns.
+    """
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}.")
+    known = [columns.get(f, f) for f in FIELDS]
     for key in row:
         # Extra columns are fine ('id', 'score_chosen', ...), a misspelt field is not: a
         # 'promt' would silently turn into an implicit prompt.
-        guess = _close(key, FIELDS) if key not in FIELDS else None
+        guess = close_match(key, known) if key not in known else None
         if guess:
             raise DataError(
                 f"{where}: field '{key}' is not a preference field; did you mean "
-                f"'{guess[0]}'?"
+                f"'{guess}'?"
             )
-    for key in ("chosen", "rejected"):
+    prompt_key, chosen_key, rejected_key = (columns[k] for k in COLUMNS)
+    for key in (chosen_key, rejected_key):
         if key not in row:
             raise DataError(
-                f"{where}: field '{key}' is missing (found {sorted(row)}); preference "
-                "rows need 'chosen' and 'rejected' (and usually 'prompt')."
+                f"{where}: field '{key}' is missing (found {sorted(map(str, row))}); "
+                f"preference rows need '{chosen_key}' and '{rejected_key}' (and usually "
+                f"'{prompt_key}')."
             )
     # The prompt (or, without one, chosen) sets the format the other fields must follow.
-    conversational = _is_messages(row.get("prompt", row["chosen"]))
-    if "prompt" in row:
-        prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
-        _check_field(prompt, "prompt", conversational, where, allow_empty=False)
+    conversational = _is_messages(row.get(prompt_key, row[chosen_key]))
+    if prompt_key in row:
+        prompt, chosen, rejected = row[prompt_key], row[chosen_key], row[rejected_key]
+        _check_field(prompt, prompt_key, conversational, where)
     else:
-        _check_field(row["chosen"], "chosen", conversational, where)
-        _check_field(row["rejected"], "rejected", conversational, where)
-        prompt, chosen, rejected = extract_prompt(row["chosen"], row["rejected"])
-    _check_field(chosen, "chosen", conversational, where)
-    _check_field(rejected, "rejected", conversational, where)
+        _check_field(row[chosen_key], chosen_key, conversational, where)
+        _check_field(row[rejected_key], rejected_key, conversational, where)
+        prompt, chosen, rejected = extract_prompt(row[chosen_key], row[rejected_key])
+    _check_field(chosen, chosen_key, conversational, where)
+    _check_field(rejected, rejected_key, conversational, where)
+    for key in ("tools", "chat_template_kwargs"):
+        _check_extra(row.get(key), key, where)
     return prompt, chosen, rejected, conversational
 
 
-def _check_field(value, name: str, conversational: bool, where: str, allow_empty=False):
+def _check_extra(value, key, where):
+    """``tools`` (a list, or its JSON text) and ``chat_template_kwargs`` (an object)."""
+    if value is None:
+        return
+    if key == "tools" and isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{where}: field 'tools' is not valid JSON: {e.msg}."
+            ) from None
+    wanted = list if key == "tools" else dict
+    if not isinstance(value, wanted):
+        kind = "a list of tools" if key == "tools" else "an object"
+        raise DataError(
+            f"{where}: field '{key}' must be {kind}, got {type(value).__name__}."
+        )
+
+
+def _check_field(value, name: str, conversational: bool, where: str):
     kind = "a list of messages" if conversational else "a string"
     if conversational:
         if not _is_messages(value):
@@ -178,8 +203,8 @@ def _check_field(value, name: str, conversational: bool, where: str, allow_empty
             if not isinstance(role, str):
                 raise DataError(f"{where}: field '{name}'[{i}] has no 'role'.")
             if role not in ROLES:
-                guess = _close(role, ROLES)
-                hint = f"did you mean '{guess[0]}'? " if guess else ""
+                guess = close_match(role, ROLES)
+                hint = f"did you mean '{guess}'? " if guess else ""
                 raise DataError(
                     f"{where}: field '{name}'[{i}] has unknown role '{role}'; {hint}"
                     f"roles are {', '.join(ROLES)}."
@@ -197,7 +222,7 @@ def _check_field(value, name: str, conversational: bool, where: str, allow_empty
                 f"got {type(value).__name__}."
             )
         empty = not value.strip()
-    if empty and not allow_empty:
+    if empty:
         raise DataError(f"{where}: field '{name}' is empty.")
 
 
@@ -390,8 +415,8 @@ class PreferenceDataset:
     """Checked and tokenized preference pairs, in mlx-lm's dataset protocol.
 
     ``dataset[i]`` is a ``Pair`` and ``process`` is the identity, so mlx-lm's ``CacheDataset``
-    can wrap it like any other dataset. ``options`` travel with the data: the batches carry
-    them to the loss. Pairs keep the order of the rows (less the dropped ones).
+    can wrap it like any other dataset. ``options`` are the ones the pairs were tokenized
+    with. Pairs keep the order of the rows (less the dropped ones).
     """
 
     def __init__(
@@ -402,6 +427,7 @@ class PreferenceDataset:
         source: str = "data",
         lines: Optional[Sequence[int]] = None,
         max_seq_length: Optional[int] = None,
+        columns: Optional[dict] = None,
     ):
         self.options = options
         self.source = source
@@ -411,10 +437,12 @@ class PreferenceDataset:
                 f"loss_type {options.loss_type} does not train on preference pairs."
             )
         tokenize = TOKENIZERS[method]
-        checked = []
+        columns = {**COLUMNS, **(columns or {})}
+        checked, seen = [], set()
         for i, row in enumerate(rows):
             where = f"{source}:{lines[i] if lines else i + 1}"
-            checked.append((where, row, _check_row(row, where)))
+            checked.append((where, row, _check_row(row, where, columns)))
+            seen.update(map(str, row))
             if checked[-1][2][3] != checked[0][2][3]:
                 kinds = {True: "conversational", False: "standard"}
                 raise DataError(
@@ -442,17 +470,55 @@ class PreferenceDataset:
                     self.dropped += 1
                     continue
             self._pairs.append(pair)
+        self._report(len(checked), max_seq_length, columns, seen)
+
+    def _report(self, rows, max_seq_length, columns, seen):
+        """Say once what was dropped, kept alike or not read; refuse a dataset that has
+        nothing to learn from."""
+        if rows and self.identical == rows:
+            raise DataError(
+                f"{self.source}: all {rows} pairs have chosen identical to rejected: there "
+                "is no preference to learn. Check the chosen/rejected columns "
+                f"({columns['chosen']}, {columns['rejected']})."
+            )
+        if rows and not self._pairs:
+            raise DataError(
+                f"{self.source}: no pair is left of {rows}: every prompt alone reaches "
+                f"max_seq_length={max_seq_length}. Raise max_seq_length or shorten the "
+                "prompts."
+            )
         if self.dropped:
-            print(
-                f"[mlx_lm_pref] {source}: dropped {self.dropped} of {len(checked)} pairs "
-                f"whose prompt alone reaches max_seq_length={max_seq_length}."
+            log(
+                f"{self.source}: dropped {self.dropped} of {rows} pairs whose prompt "
+                f"alone reaches max_seq_length={max_seq_length}."
             )
         if self.identical:
-            done = "dropped" if options.identical_pairs == "drop" else "kept"
-            print(
-                f"[mlx_lm_pref] {source}: {self.identical} of {len(checked)} pairs have "
-                f"chosen identical to rejected ({done}; identical_pairs: keep|drop)."
+            done = "dropped" if self.options.identical_pairs == "drop" else "kept"
+            log(
+                f"{self.source}: {self.identical} of {rows} pairs have chosen identical "
+                f"to rejected ({done}; identical_pairs: keep|drop)."
             )
+        used = {columns.get(f, f) for f in FIELDS}
+        ignored = sorted(seen - used)
+        if ignored:
+            hint = ""
+            if columns["prompt"] not in seen:
+                hint = (
+                    f" (no '{columns['prompt']}' column: the prompt is the shared start "
+                    "of chosen and rejected; prompt_feature: NAME reads it from a column)"
+                )
+            log(f"{self.source}: ignored columns: {', '.join(ignored)}{hint}")
+
+    @classmethod
+    def concatenate(cls, datasets) -> "PreferenceDataset":
+        """One dataset of the pairs of ``datasets`` (tokenized with the same options)."""
+        joined = cls.__new__(cls)
+        joined.options = datasets[0].options
+        joined.source = " + ".join(d.source for d in datasets)
+        joined._pairs = [p for d in datasets for p in d._pairs]
+        joined.dropped = sum(d.dropped for d in datasets)
+        joined.identical = sum(d.identical for d in datasets)
+        return joined
 
     def __getitem__(self, idx: int) -> Pair:
         return self._pairs[idx]

@@ -1,7 +1,7 @@
 """TRL-named metrics in mlx-lm's reports, its TrainingCallback and ``metrics.jsonl``.
 
 ``PreferenceReporter`` wraps whatever callback mlx-lm was given. At a training report it reads
-the on-device running sums the loss keeps (one host sync per report, none per step), prints the
+the on-device running sums of the steps since the last report (kept by the run's guard), prints the
 metrics under mlx-lm's own progress line, appends one JSON object to
 ``<adapter_path>/metrics.jsonl`` and passes the metrics on to the wrapped callback (so
 ``--report-to wandb`` logs them): training metrics under their TRL names, validation ones with
@@ -15,6 +15,8 @@ from typing import Optional
 import mlx.core as mx
 from mlx_lm.tuner.callbacks import TrainingCallback
 
+from .console import is_main_rank
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -23,7 +25,7 @@ def format_metrics(metrics: dict) -> str:
 
 
 def append_metrics(path: Optional[Path], split: str, iteration: int, metrics: dict):
-    if path is None or mx.distributed.init().rank() != 0:
+    if path is None or not is_main_rank():
         return
     with open(path, "a") as fid:
         fid.write(
@@ -33,23 +35,27 @@ def append_metrics(path: Optional[Path], split: str, iteration: int, metrics: di
 
 def print_metrics(split: str, metrics: dict):
     """One line under mlx-lm's own report line for the same iteration."""
-    if mx.distributed.init().rank() == 0:
+    if is_main_rank():
         print(f"          {split:<5} {format_metrics(metrics)}", flush=True)
 
 
 class PreferenceReporter(TrainingCallback):
-    def __init__(self, model, names, path: Optional[Path], inner=None):
-        self.model = model
+    """Training reports average the metrics of the steps since the last report, which the
+    run's guard sums on device as the steps finish (``safety.RunGuard``)."""
+
+    def __init__(self, guard, names, path: Optional[Path], inner=None):
+        self.guard = guard
         self.names = names
         self.path = path
         self.inner = inner
         self.trained_tokens = 0  # TRL's num_tokens: every real token trained on so far
 
     def _train_metrics(self) -> dict:
-        sums = mx.distributed.all_sum(self.model._pref_train_sum, stream=mx.cpu)
-        self.model._pref_train_sum = mx.zeros_like(self.model._pref_train_sum)
-        sums = sums.tolist()
-        metrics = {k: v / sums[-1] for k, v in zip(self.names, sums)}
+        sums, steps = self.guard.take_sums()
+        sums = mx.concatenate([sums, mx.array([float(steps)])])
+        sums = mx.distributed.all_sum(sums, stream=mx.cpu).tolist()
+        steps = sums[-1] or float("nan")  # every step skipped: nothing to average
+        metrics = {k: v / steps for k, v in zip(self.names, sums)}
         if "num_tokens" in metrics:
             self.trained_tokens += int(sums[self.names.index("num_tokens")])
             metrics["num_tokens"] = float(self.trained_tokens)

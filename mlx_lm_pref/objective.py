@@ -1,18 +1,25 @@
-"""The loss mlx-lm's training step calls for a preference batch, and its evaluation loop.
+"""The loss mlx-lm's training step calls for a preference batch.
 
-``preference_loss(model, tokens, spans, constants)`` keeps mlx-lm's loss protocol (returns
-``(loss, ntoks)``) so the upstream ``mx.compile``d step runs it unchanged. One forward pass
-covers chosen and rejected rows together (in the shared layout, each prompt once: see
-``sharing``); DPO adds a reference forward of the same batch with the adapters off. The
-metrics leave the compiled step through ``model._pref_metrics`` (an
-array attribute whose name starts with ``_`` is part of ``model.state``, which the step
-returns, but not of the trainable parameters, so it is never trained or saved).
+``PreferenceLoss(options)`` is mlx-lm's loss protocol bound to a run's options:
+``loss(model, batch)`` returns ``(loss, ntoks)`` for a ``PreferenceBatch``, so the upstream
+``mx.compile``d step runs it unchanged (the options are Python constants of the trace). One
+forward pass covers chosen and rejected rows together (in the shared layout, each prompt
+once: see ``sharing``); DPO adds a reference forward of the same batch with the adapters off.
+
+The compiled step returns only ``(loss, ntoks)``, so the metrics need a channel of their own:
+``model._pref_metrics``. An array attribute whose name starts with ``_`` is part of
+``model.state``, which the step declares as its outputs, but not of the trainable parameters,
+so it leaves the compiled graph without being trained or saved. It is the one piece of
+per-run state on the model; everything else lives in ``run.PreferenceRun``.
+``PreferenceLoss.metrics`` returns the metrics directly, for evaluation.
 """
 
+from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import mlx.core as mx
 
+from .batching import PreferenceBatch
 from .config import ConfigError, PreferenceArgs
 from .logps import sequence_logps, span_mask, token_entropy, token_logps
 from .losses import (
@@ -24,8 +31,11 @@ from .losses import (
     log_sigmoid,
     orpo_odds_ratio,
 )
-from .reference import REFERENCE_CONTEXTS
+from .reference import InitialAdapter, reference_context
 from .sharing import CHECKPOINTING, checkpointed, shared_forward
+
+# The metrics channel out of the compiled step (see the module docstring).
+METRICS_ATTRIBUTE = "_pref_metrics"
 
 REWARDS = (
     "loss",
@@ -73,24 +83,16 @@ class Forward(NamedTuple):
         return columns < self.prompt_lengths[:, None]
 
 
-def run_model(model, tokens) -> Forward:
-    if isinstance(tokens, (tuple, list)):
-        if not getattr(model, "_pref_prompt_sharing", False):
-            raise ConfigError(
-                "This batch shares its prompts (prompt_sharing), but the model was not "
-                "checked for it: call mlx_lm_pref.sharing.resolve_prompt_sharing(model, "
-                "options) first (train() does), or set prompt_sharing false."
-            )
-        if checkpointed(model):
-            raise ConfigError(
-                f"prompt_sharing: {CHECKPOINTING}. Set prompt_sharing false."
-            )
-        prompts, lengths, rows = tokens
-        prompt_logits, logits = shared_forward(
-            model, prompts[:, :-1], lengths, rows[:, :-1]
-        )
-        return Forward(logits, rows[:, 1:], prompt_logits, prompts[:, 1:], lengths)
-    return Forward(model(tokens[:, :-1]), tokens[:, 1:])
+def run_model(model, batch: PreferenceBatch) -> Forward:
+    if not batch.shared:
+        return Forward(model(batch.tokens[:, :-1]), batch.tokens[:, 1:])
+    if checkpointed(model):
+        raise ConfigError(f"prompt_sharing: {CHECKPOINTING}. Set prompt_sharing false.")
+    prompts, lengths, rows = batch.tokens
+    prompt_logits, logits = shared_forward(
+        model, prompts[:, :-1], lengths, rows[:, :-1]
+    )
+    return Forward(logits, rows[:, 1:], prompt_logits, prompts[:, 1:], lengths)
 
 
 def _sum_count(values, mask):
@@ -155,30 +157,28 @@ def _dpo_logps(logps, completion, ld_alpha):
     return (logps * head).sum(axis=-1) + ld_alpha * (logps * tail).sum(axis=-1)
 
 
-def sequence_logps_dpo(model, tokens, spans, ld_alpha=None):
+def sequence_logps_dpo(model, batch: PreferenceBatch, ld_alpha=None):
     """(2B,) summed (LD-weighted) completion log-probs of ``model`` as it is, gradient-free:
     what a live reference computes, for precomputing it."""
-    f = run_model(model, tokens)
-    completion = span_mask(spans, f.targets.shape[1])
+    f = run_model(model, batch)
+    completion = span_mask(batch.spans, f.targets.shape[1])
     logps = token_logps(mx.stop_gradient(f.logits), f.targets)
     return _dpo_logps(logps, completion, ld_alpha)
 
 
-def _reference_logps(model, tokens, completion, o: PreferenceArgs, precomputed):
+def _reference_logps(model, batch, completion, o: PreferenceArgs, initial):
     """Per-sequence reference log-probs, gradient-free, from the same model."""
     if o.reference == "precomputed":
-        if precomputed is None:
+        if batch.reference is None:
             raise ConfigError(
                 "reference precomputed: this batch carries no reference log-probs (they "
                 "are computed when train() starts; see mlx_lm_pref.precompute)."
             )
-        return mx.stop_gradient(precomputed)
+        return mx.stop_gradient(batch.reference)
     if o.reference == "none":
         return mx.zeros((completion.shape[0],))
-    # auto outside train() (a script scoring a batch itself) means the base model.
-    strategy = "adapters_off" if o.reference == "auto" else o.reference
-    with REFERENCE_CONTEXTS[strategy](model):
-        f = run_model(model, tokens)
+    with reference_context(model, o.reference, initial):
+        f = run_model(model, batch)
     ref_logps = token_logps(mx.stop_gradient(f.logits), f.targets)
     return mx.stop_gradient(_dpo_logps(ref_logps, completion, o.ld_alpha))
 
@@ -193,23 +193,23 @@ def _wpo_weights(logits, lse, logps, completion, B):
     return weights[:B] * weights[B:]
 
 
-def dpo_objective(model, tokens, spans, o: PreferenceArgs, reference=None):
-    """The DPO loss family (TRL's ``loss_type`` list) against the adapters-off reference.
+def dpo_objective(model, batch, o: PreferenceArgs, initial=None):
+    """The DPO loss family (TRL's ``loss_type`` list) against the reference ``o.reference``.
 
     Completions never reach into a shared prompt, so only the rows' logits are read (and
     the output layer never runs on shared prompt positions)."""
-    B = spans.shape[0] // 2
+    B = batch.pairs
     if set(o.loss_type) & {"aot", "aot_unpaired"} and B < 2:
         raise ConfigError(
             "loss_type aot/aot_unpaired sorts log-ratios across the pairs of a batch, and "
             "this batch holds 1 pair (per rank): use batch_size >= 2 pairs per rank."
         )
-    f = run_model(model, tokens)
-    completion = span_mask(spans, f.targets.shape[1])
+    f = run_model(model, batch)
+    completion = span_mask(batch.spans, f.targets.shape[1])
     lse = mx.logsumexp(f.logits.astype(mx.float32), axis=-1)
     logps = token_logps(f.logits, f.targets, lse)
     policy = _dpo_logps(logps, completion, o.ld_alpha)
-    ref = _reference_logps(model, tokens, completion, o, reference)
+    ref = _reference_logps(model, batch, completion, o, initial)
     lengths = completion.sum(axis=-1).astype(mx.float32)
     scores = f_divergence_scores(
         policy - ref, o.f_divergence_type, o.f_alpha_divergence_coef
@@ -245,16 +245,8 @@ def dpo_objective(model, tokens, spans, o: PreferenceArgs, reference=None):
     )
     metrics += _mean_logits(f, completion, B)
     metrics += _dpo_token_metrics(f, lse, completion, B)
-    metrics += [_num_tokens(tokens, spans)]
+    metrics += [batch.num_tokens().astype(mx.float32)]
     return loss, metrics
-
-
-def _num_tokens(tokens, spans):
-    """The batch's real tokens (both rows of every pair, prompts included)."""
-    total = spans[:, 1].sum()
-    if isinstance(tokens, (tuple, list)):  # the continuations' spans start after P
-        total = total + 2 * tokens[1].sum()
-    return total.astype(mx.float32)
 
 
 def _dpo_token_metrics(f: Forward, lse, completion, B):
@@ -279,11 +271,11 @@ def _prompt_logps(f: Forward):
     return token_logps(f.prompt_logits, f.prompt_targets), f.prompt_mask()
 
 
-def orpo_objective(model, tokens, spans, o: PreferenceArgs):
+def orpo_objective(model, batch, o: PreferenceArgs, initial=None):
     """ORPO as TRL: NLL over the whole chosen sequence (prompt included, pads excluded) plus
     the odds-ratio term on mean completion log-probs."""
-    B = spans.shape[0] // 2
-    f = run_model(model, tokens)
+    B, spans = batch.pairs, batch.spans
+    f = run_model(model, batch)
     completion = span_mask(spans, f.targets.shape[1])
     logps = token_logps(f.logits, f.targets)
     sums, counts = sequence_logps(logps, completion)
@@ -305,11 +297,11 @@ def _real_positions(spans, targets):
     return mx.arange(targets.shape[1])[None] < (spans[:, 1:2] - 1)
 
 
-def cpo_objective(model, tokens, spans, o: PreferenceArgs):
+def cpo_objective(model, batch, o: PreferenceArgs, initial=None):
     """CPO / SimPO / AlphaPO as TRL's CPOTrainer: reference-free, plus cpo_alpha x NLL on
     the chosen completions."""
-    B = spans.shape[0] // 2
-    f = run_model(model, tokens)
+    B, spans = batch.pairs, batch.spans
+    f = run_model(model, batch)
     completion = span_mask(spans, f.targets.shape[1])
     logps = token_logps(f.logits, f.targets)
     sums, counts = sequence_logps(logps, completion)
@@ -333,114 +325,43 @@ def cpo_objective(model, tokens, spans, o: PreferenceArgs):
 OBJECTIVES = {"dpo": dpo_objective, "orpo": orpo_objective, "cpo": cpo_objective}
 
 
-def preference_loss(model, tokens, spans, constants, reference=None):
-    """mlx-lm's loss protocol for a preference batch (see ``batching``).
+def preference_loss(
+    model, batch: PreferenceBatch, options: PreferenceArgs, initial=None
+):
+    """The loss, token count and metrics of one preference batch.
 
     Args:
-        tokens: (2B, L) chosen rows then rejected rows, or the shared layout's
-            ``(prompts, prompt_lengths, continuations)`` (see ``batching``).
-        spans: (2B, 2) completion ``[start, end)`` per row.
-        constants: ``PreferenceArgs.as_constants()``.
-        reference: (2B,) precomputed reference log-probs (``reference: precomputed``).
+        batch: a ``PreferenceBatch`` (either layout, see ``batching``).
+        options: the run's options (``reference`` resolved: see ``reference``).
+        initial: the step-0 adapter (``reference: initial_adapter``).
 
     Returns:
-        ``(loss, ntoks)``: the scalar float32 loss and the number of real tokens in the batch.
+        ``(loss, ntoks, metrics)``: the scalar float32 loss, the number of real tokens in
+        the batch (int32) and the (K,) float32 metrics named by ``metric_names(options)``.
     """
-    options = PreferenceArgs.from_constants(constants)
-    objective = OBJECTIVES[options.method]
-    if options.method == "dpo":
-        loss, metrics = objective(model, tokens, spans, options, reference)
-    else:
-        loss, metrics = objective(model, tokens, spans, options)
-    _publish(model, mx.stop_gradient(mx.stack(metrics)))
-    return loss, _num_tokens(tokens, spans).astype(mx.int32)
+    loss, metrics = OBJECTIVES[options.method](model, batch, options, initial)
+    metrics = mx.stop_gradient(mx.stack(metrics))
+    return loss, batch.num_tokens().astype(mx.int32), metrics
 
 
-def _publish(model, metrics):
-    model._pref_metrics = metrics
-    # Training reports average the metrics over the steps since the last report (as TRL
-    # logs them); the running sum, with a step count as its last entry, stays on device.
-    if model.training and "_pref_train_sum" in model:
-        model._pref_train_sum = model._pref_train_sum + mx.concatenate(
-            [metrics, mx.ones((1,))]
-        )
+@dataclass(frozen=True)
+class PreferenceLoss:
+    """mlx-lm's loss protocol for preference batches, bound to a run's options:
+    ``loss(model, batch)`` returns ``(loss, ntoks)`` and leaves the metrics in
+    ``model._pref_metrics`` (the compiled step's one extra output)."""
 
+    options: PreferenceArgs
+    initial: Optional[InitialAdapter] = None
 
-def init_metric_state(model, options):
-    k = len(metric_names(options))
-    model._pref_metrics = mx.zeros((k,))
-    model._pref_train_sum = mx.zeros((k + 1,))
+    @property
+    def metric_names(self) -> tuple:
+        return metric_names(self.options)
 
+    def __call__(self, model, batch: PreferenceBatch):
+        loss, ntoks, metrics = self.metrics(model, batch)
+        model[METRICS_ATTRIBUTE] = metrics
+        return loss, ntoks
 
-def clear_metric_state(model):
-    for key in ("_pref_metrics", "_pref_train_sum"):
-        model.pop(key, None)
-
-
-class EvalResult(float):
-    """The evaluation loss as mlx-lm expects it (a float), carrying every metric along."""
-
-    def __new__(cls, metrics: dict):
-        result = super().__new__(cls, metrics["loss"])
-        result.metrics = metrics
-        return result
-
-
-def evaluate_preference(
-    model,
-    dataset,
-    batch_size,
-    num_batches,
-    max_seq_length=2048,
-    loss=None,
-    iterate_batches=None,
-    clear_cache_threshold: int = 0,
-    progress_callback=None,
-):
-    """mlx-lm's ``evaluate`` for preference data, averaged as TRL's ``evaluate()``: each
-    metric is the mean of its per-batch values, the loss is weighted by pairs.
-
-    Distributed, the i-th batch of every rank is part of the same global batch i (see
-    ``batching.iterate_eval_batches``): the ranks' values are combined per batch index,
-    pair-weighted, into that global batch's value before the mean over batches, so a metric
-    that is a mean over pairs comes out as in a single process, ragged last batch included.
-    """
-    from .batching import iterate_eval_batches, preference_dataset_of
-
-    loss = loss or preference_loss
-    iterate_batches = iterate_batches or iterate_eval_batches
-    names = metric_names(preference_dataset_of(dataset).options)
-    model.eval()
-    rows = []  # per batch: the metrics times the batch's pairs, then the pairs
-    batch_iter = iterate_batches(
-        dataset=dataset,
-        batch_size=batch_size,
-        max_seq_length=max_seq_length,
-        comm_group=mx.distributed.init(),
-    )
-    for n, batch in enumerate(batch_iter):
-        if n == num_batches:
-            break
-        loss(model, *batch)
-        b = batch[1].shape[0] // 2
-        rows.append(mx.concatenate([model._pref_metrics * b, mx.array([float(b)])]))
-        mx.eval(rows[-1])
-        if clear_cache_threshold and mx.get_cache_memory() > clear_cache_threshold:
-            mx.clear_cache()
-        if progress_callback is not None:
-            progress_callback()
-    k = len(names)
-    # A rank may hold one batch fewer (a ragged last batch): pad with zero rows.
-    count = int(mx.distributed.all_max(mx.array([len(rows)]), stream=mx.cpu).item())
-    if count == 0:  # nothing evaluated (num_batches 0): NaN, as mlx-lm's evaluate
-        return EvalResult({name: float("nan") for name in names})
-    rows += [mx.zeros((k + 1,))] * (count - len(rows))
-    totals = mx.distributed.all_sum(mx.stack(rows), stream=mx.cpu)
-    pairs = totals[:, k]
-    per_batch = totals[:, :k] / pairs[:, None]
-    values = per_batch.mean(axis=0).tolist()
-    metrics = dict(zip(names, values))
-    metrics["loss"] = (totals[:, 0].sum() / pairs.sum()).item()
-    if "num_tokens" in metrics:  # a training count: the reporter fills it in
-        metrics["num_tokens"] = 0.0
-    return EvalResult(metrics)
+    def metrics(self, model, batch: PreferenceBatch):
+        """``(loss, ntoks, metrics)``, without touching the model (evaluation)."""
+        return preference_loss(model, batch, self.options, self.initial)

@@ -14,9 +14,7 @@ log-prob (``ld_alpha``). Any change recomputes; an unchanged rerun loads.
 
 import hashlib
 import os
-from contextvars import ContextVar
 from dataclasses import replace
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -24,19 +22,12 @@ from mlx.utils import tree_flatten
 from tqdm import tqdm
 
 from .batching import iterate_eval_batches
+from .console import is_main_rank
+from .env import cache_root
 from .objective import sequence_logps_dpo
 from .reference import adapter_layers
 
 CACHE_VERSION = b"mlx_lm_pref reference v1"
-# Datasets of the run that training does not see but that must share its reference (the
-# test split of an mlx_lm.lora run); set by the mlx_lm.lora patches.
-run_datasets: ContextVar = ContextVar("mlx_lm_pref_run_datasets", default=())
-
-
-def cache_root() -> Path:
-    return Path(
-        os.environ.get("MLX_LM_PREF_CACHE", Path.home() / ".cache" / "mlx_lm_pref")
-    )
 
 
 def _hasher():
@@ -71,7 +62,8 @@ def cache_key(model_hash: str, pairs, options, max_seq_length: int) -> str:
 def precompute_reference(
     model, pairs, options, batch_size, max_seq_length, model_hash=None
 ):
-    """Store reference log-probs on every pair of ``pairs`` (a PreferenceDataset).
+    """Store reference log-probs on every pair of ``pairs`` (a PreferenceDataset), scored
+    in the layout ``options.prompt_sharing`` asks for (resolved for this model).
 
     Returns ``"loaded"`` or ``"computed"``.
     """
@@ -99,14 +91,16 @@ def _score(model, pairs, options, batch_size, max_seq_length) -> np.ndarray:
     was_training = model.training
     model.eval()
     values = []
-    batches = iterate_eval_batches(pairs, batch_size, max_seq_length)
+    batches = iterate_eval_batches(
+        pairs, batch_size, max_seq_length, prompt_sharing=options.prompt_sharing
+    )
     total = -(-len(pairs) // batch_size)
     try:
         desc = f"Reference log-probs {pairs.source}"
-        quiet = mx.distributed.init().rank() != 0  # every rank scores; one bar
-        for tokens, spans, *_ in tqdm(batches, total=total, desc=desc, disable=quiet):
-            logps = sequence_logps_dpo(model, tokens, spans, options.ld_alpha)
-            b = tokens.shape[0] // 2
+        quiet = not is_main_rank()  # every rank scores; one bar
+        for (batch,) in tqdm(batches, total=total, desc=desc, disable=quiet):
+            logps = sequence_logps_dpo(model, batch, options.ld_alpha)
+            b = batch.pairs
             values.append(np.stack([np.array(logps[:b]), np.array(logps[b:])], axis=1))
     finally:
         model.train(was_training)

@@ -85,52 +85,79 @@ def resolve_reference(model: nn.Module, strategy: str) -> str:
     return "initial_adapter" if any(_trained(l) for l in layers) else "adapters_off"
 
 
-def freeze_initial_adapter(model: nn.Module) -> None:
-    """Keep the adapter tensors of step 0 for the ``initial_adapter`` reference.
+class InitialAdapter:
+    """The adapter tensors of step 0, for the ``initial_adapter`` reference.
 
-    mlx arrays are immutable and the optimizer replaces them, so holding on to the current
-    ones is the snapshot: no copy, and the base weights are never duplicated.
+    mlx arrays are immutable and the optimizer replaces them, so the current ones are the
+    snapshot: no copy, and the base weights are never duplicated. Each is held through an
+    evaluated ``stop_gradient`` of it, a new array on the same buffer: mlx-lm's compiled step
+    swaps the parameters it was given for its own tracers, and would refuse the very arrays
+    it swapped out if the reference pass used them. The snapshot lives as long as the run
+    that took it (nothing is left on the model's layers).
     """
-    for layer in adapter_layers(model):
-        layer._pref_initial = {k: layer[k] for k in ADAPTER_PARAMETERS if k in layer}
 
+    def __init__(self, model: nn.Module):
+        self.tensors = [
+            (
+                layer,
+                {
+                    k: mx.stop_gradient(layer[k])
+                    for k in ADAPTER_PARAMETERS
+                    if k in layer
+                },
+            )
+            for layer in adapter_layers(model)
+        ]
+        mx.eval([t for _, tensors in self.tensors for t in tensors.values()])
 
-def drop_initial_adapter(model: nn.Module) -> None:
-    for layer in adapter_layers(model):
-        layer.pop("_pref_initial", None)
+    @contextmanager
+    def swapped_in(self, model: nn.Module):
+        """Run the enclosed forward passes with the step-0 adapter tensors."""
+        if {id(l) for l, _ in self.tensors} != {id(l) for l in adapter_layers(model)}:
+            raise ConfigError(
+                "reference initial_adapter: this snapshot was taken of another model's "
+                "adapter layers."
+            )
+        saved = []
+        try:
+            for layer, tensors in self.tensors:
+                saved.append((layer, {k: layer[k] for k in tensors}))
+                for k, v in tensors.items():
+                    layer[k] = v
+            yield model
+        finally:
+            for layer, current in reversed(saved):
+                for k, v in current.items():
+                    layer[k] = v
 
 
 @contextmanager
-def initial_adapter(model: nn.Module):
-    """Run the enclosed forward passes with the step-0 adapter tensors swapped in."""
-    saved = []
-    try:
-        for layer in adapter_layers(model):
-            if "_pref_initial" not in layer:
-                raise ConfigError(
-                    "reference initial_adapter: no step-0 adapter was kept for this model "
-                    "(freeze_initial_adapter runs when training starts)."
-                )
-            current = {k: layer[k] for k in layer["_pref_initial"]}
-            saved.append((layer, current))
-            for k, v in layer["_pref_initial"].items():
-                layer[k] = mx.stop_gradient(v)
-        yield model
-    finally:
-        for layer, current in reversed(saved):
-            for k, v in current.items():
-                layer[k] = v
+def reference_context(model: nn.Module, strategy: str, initial=None):
+    """The model as the reference ``strategy`` sees it, for the enclosed forward passes.
+
+    ``auto`` outside a training run (a script scoring a batch itself) means the base model.
+    """
+    if strategy in ("auto", "adapters_off"):
+        with adapters_disabled(model):
+            yield model
+    elif strategy == "initial_adapter":
+        if initial is None:
+            raise ConfigError(
+                "reference initial_adapter: no step-0 adapter was kept for this model "
+                "(train() keeps it when training starts)."
+            )
+        with initial.swapped_in(model):
+            yield model
+    else:
+        raise ValueError(f"reference {strategy!r} has no live forward pass.")
 
 
-REFERENCE_CONTEXTS = {
-    "adapters_off": adapters_disabled,
-    "initial_adapter": initial_adapter,
-}
+LIVE_REFERENCES = ("adapters_off", "initial_adapter")
 
 
 def check_reference(model: nn.Module, options) -> None:
     """Refuse setups where the chosen reference would be missing or would drift."""
-    if not options.needs_reference or options.reference not in REFERENCE_CONTEXTS:
+    if not options.needs_reference or options.reference not in LIVE_REFERENCES:
         return
     if not adapter_layers(model):
         raise ConfigError(

@@ -11,12 +11,15 @@ import os
 import signal
 import threading
 from contextlib import contextmanager
-from contextvars import ContextVar
 from pathlib import Path
 
 import mlx.core as mx
 import wrapt
 from mlx.utils import tree_flatten, tree_map
+
+from .console import log
+from .objective import METRICS_ATTRIBUTE
+from .run import current_run
 
 
 class NonFiniteError(FloatingPointError):
@@ -24,36 +27,60 @@ class NonFiniteError(FloatingPointError):
 
 
 class RunGuard:
-    """What a preference training run in progress knows about its own safety."""
+    """Watches every finished training step of a preference run: its loss and metrics must
+    be finite (else stop, or with ``skip`` count the update as dropped), and its metrics add
+    to the running sums the training reports average (as TRL logs them, over the steps since
+    the last report). One host read per step, after mlx-lm's own ``mx.eval`` of the step.
 
-    def __init__(self, model, adapter_file, skip=False):
+    A step is settled once, by whichever comes first after it: the next batch (``watch``),
+    a training report, or a save (``SafeSaveModule``). mlx-lm's loop stops without asking for
+    another batch after its last step, so that step is settled by the final report or save.
+    """
+
+    def __init__(self, model, metric_names, adapter_file, skip=False):
         self.model = model
+        self.names = metric_names
         self.adapter_file = Path(adapter_file)
         self.skip = skip
-        self.iteration = 0  # training steps completed
+        self.iteration = 0  # training steps started
+        self.settled = 0  # training steps checked and summed
         self.saved_at = None  # the iteration whose weights adapter_file holds
         self.skipped = []
         self.interrupted = False
-
-    def check_step(self):
-        """After a step: its loss and metrics must be finite (one scalar read per step,
-        after mlx-lm's own mx.eval of the step)."""
-        if not mx.all(mx.isfinite(self.model._pref_metrics)).item():
-            if self.skip:  # the update itself was dropped in the graph (skip_nonfinite)
-                self.skipped.append(self.iteration)
-                print(
-                    f"[mlx_lm_pref] iteration {self.iteration}: non-finite loss or "
-                    "gradient, update skipped."
-                )
-                return
-            raise NonFiniteError(
-                f"iteration {self.iteration}: the loss or a metric is not finite "
-                f"({self._metrics()}). {self.on_disk()} Lower the learning rate, check the "
-                "data of this step, or use float32 weights."
-            )
+        self.sums = mx.zeros((len(metric_names),))
+        self.steps = 0  # steps in ``sums``
 
     def _metrics(self):
-        return ", ".join(f"{v:.4g}" for v in self.model._pref_metrics.tolist())
+        return self.model[METRICS_ATTRIBUTE]
+
+    def settle(self):
+        """Check the last step that ran and add its metrics to the running sums."""
+        if self.settled == self.iteration:
+            return
+        self.settled = self.iteration
+        metrics = self._metrics()
+        if mx.all(mx.isfinite(metrics)).item():
+            self.sums, self.steps = self.sums + metrics, self.steps + 1
+            return
+        if self.skip:  # the update itself was dropped in the graph (skip_nonfinite)
+            self.skipped.append(self.iteration)
+            log(
+                f"iteration {self.iteration}: non-finite loss or gradient, update skipped."
+            )
+            return
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in zip(self.names, metrics.tolist()))
+        raise NonFiniteError(
+            f"iteration {self.iteration}: the loss or a metric is not finite ({shown}). "
+            f"{self.on_disk()} Lower the learning rate, check the data of this step, or "
+            "use float32 weights."
+        )
+
+    def take_sums(self):
+        """``(sums, steps)`` since the last call, the last step included; then reset."""
+        self.settle()
+        taken = self.sums, self.steps
+        self.sums, self.steps = mx.zeros_like(self.sums), 0
+        return taken
 
     def on_disk(self) -> str:
         if self.saved_at is None:
@@ -85,17 +112,13 @@ class RunGuard:
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def watch(self, batches):
-        """Pass mlx-lm's batches through, checking each finished step before the next."""
+        """Pass mlx-lm's batches through, settling each finished step before the next."""
         for batch in batches:
             if self.interrupted:
                 raise KeyboardInterrupt
-            if self.iteration:
-                self.check_step()
+            self.settle()
             self.iteration += 1  # the step about to run (and save)
             yield batch
-
-
-active_guard: ContextVar = ContextVar("mlx_lm_pref_guard", default=None)
 
 
 def atomic_save_safetensors(path, arrays, metadata=None):
@@ -119,8 +142,10 @@ class SafeSaveModule(wrapt.ObjectProxy):
     """``mlx.core`` for mlx-lm's trainer module, with a safe ``save_safetensors``."""
 
     def save_safetensors(self, file, arrays, metadata=None):
-        guard = active_guard.get()
+        run = current_run()
+        guard = run.guard if run is not None else None
         if guard is not None:
+            guard.settle()  # the step whose weights these are
             bad = [k for k, v in arrays.items() if not mx.all(mx.isfinite(v)).item()]
             if bad:
                 raise NonFiniteError(

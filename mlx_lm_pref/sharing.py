@@ -22,6 +22,7 @@ import mlx.core as mx
 from mlx_lm.models.base import create_causal_mask
 
 from .config import ConfigError
+from .console import log
 
 # Shared logits within this of the concatenated ones (relative to their largest magnitude)
 # pass the probe: float32 agrees to ~1e-6, half precision to ~1e-2; a model that mishandles
@@ -165,25 +166,19 @@ def prompt_sharing_problem(model, grad_checkpoint=False):
 
 
 def resolve_prompt_sharing(model, options, grad_checkpoint=False):
-    """Check ``model`` once for prompt sharing unless it is off; ``auto`` turns it off (and
-    says so) where the probe fails or the layers will be checkpointed, ``true`` refuses.
-    Returns the options to train with."""
+    """Check ``model`` for prompt sharing unless it is off; ``auto`` turns it off (and says
+    so) where the probe fails or the layers will be checkpointed, ``true`` refuses.
+    Returns the options to train or evaluate with."""
     if options.prompt_sharing == "false":
         return options
-    if getattr(model, "_pref_prompt_sharing", False) and not grad_checkpoint:
-        return options
     problem = prompt_sharing_problem(model, grad_checkpoint)
-    name = getattr(model, "model_type", type(model).__name__)
-    model._pref_prompt_sharing = (
-        problem is None
-    )  # a plain attribute: not in model.state
     if problem is None:
         return options
+    name = getattr(model, "model_type", type(model).__name__)
     if options.prompt_sharing == "true":
         raise ConfigError(
             f"prompt_sharing true: {name} cannot share prompts: {problem}. "
             "Set prompt_sharing false (or auto)."
         )
-    if mx.distributed.init().rank() == 0:
-        print(f"[mlx_lm_pref] prompt sharing off: {name}: {problem}")
+    log(f"prompt sharing off: {name}: {problem}")
     return options.replace(prompt_sharing="false")

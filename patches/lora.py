@@ -1,16 +1,21 @@
 """Patches for ``mlx_lm.lora``, the module behind the ``mlx_lm.lora`` command.
 
-The parser and ``CONFIG_DEFAULTS`` gain the preference options; ``run`` makes the run's options
-visible to the dataset loaders and refuses unsupported setups before anything is loaded or
-written; ``train`` and ``evaluate`` were imported here by name and get the trainer's wrappers;
-``evaluate_model`` (``--test``) reports the preference metrics instead of a perplexity.
+The parser and ``CONFIG_DEFAULTS`` gain the preference options. ``run`` checks the YAML keys,
+the options and the data before the model loads (bad input costs one line and exit 2, and
+nothing is written), then runs upstream's ``run`` inside a ``PreferenceRun``; ``load_dataset``
+hands it the datasets built by then. ``train`` and ``evaluate`` were imported here by name and
+get the trainer's wrappers; ``evaluate_model`` (``--test``) reports the preference metrics
+instead of a perplexity.
 """
 
 import inspect
+import json
+import sys
 from pathlib import Path
 
 import mlx.core as mx
 import mlx_lm.tuner.trainer
+import yaml
 from mlx_lm.cli_ui import rprint
 from mlx_lm.tuner.datasets import CacheDataset
 
@@ -19,14 +24,59 @@ from mlx_lm_pref.config import (
     ConfigError,
     PreferenceArgs,
     add_arguments,
+    close_match,
     config_defaults,
-    using_options,
 )
+from mlx_lm_pref.data import DataError, is_preference_row
 from mlx_lm_pref.metrics import METRICS_FILE, append_metrics, format_metrics
-from mlx_lm_pref.precompute import run_datasets
+from mlx_lm_pref.run import PreferenceRun, current_run, running
+from mlx_lm_pref.safety import NonFiniteError
+from mlx_lm_pref.sharing import CHECKPOINTING
 
 from . import function_wrapper
 from . import trainer as trainer_patches
+
+# YAML keys mlx-lm reads besides its flags and CONFIG_DEFAULTS (LORA.md).
+MORE_KEYS = {"hf_dataset", "lr_schedule", "lora_parameters", "optimizer_config"}
+FEATURES = {f"{n}_feature" for n in ("prompt", "completion", "chat", "text")}
+FEATURES |= {"chosen_feature", "rejected_feature"}
+HF_DATASET_KEYS = {"path", "train_split", "valid_split", "test_split", "config"}
+HF_DATASET_KEYS |= FEATURES | {"mask_prompt"}
+
+
+def main(wrapped, instance, args, kwargs):
+    """Our own errors say what to fix and what is on disk, in one line; a traceback would
+    bury that. A config file that is not YAML, or not a mapping, is one of them."""
+    try:
+        check_config_file(sys.argv[1:])
+        return wrapped(*args, **kwargs)
+    except (ConfigError, DataError) as e:
+        print(f"mlx_lm_pref: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except NonFiniteError as e:
+        print(f"mlx_lm_pref: training stopped: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)  # the trainer already said what was saved
+
+
+def check_config_file(argv):
+    from mlx_lm import lora as lora_cli
+
+    config = lora_cli.build_parser().parse_known_args(argv)[0].config
+    if not config:
+        return
+    try:
+        with open(config) as fid:
+            values = yaml.load(fid, lora_cli.yaml_loader)
+    except OSError as e:
+        raise ConfigError(f"{config}: {e.strerror}.") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(
+            f"{config}: not valid YAML ({e}).".replace("\n", " ")
+        ) from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{config}: expected a mapping of keys to values.")
 
 
 def build_parser(wrapped, instance, args, kwargs):
@@ -37,31 +87,125 @@ def build_parser(wrapped, instance, args, kwargs):
 
 def run(wrapped, instance, args, kwargs):
     ns = kwargs["args"] if "args" in kwargs else args[0]
+    check_config_keys(ns)
     options = PreferenceArgs.from_namespace(ns)
     if not options.is_preference:
+        check_sft_data(ns)
         # An SFT run stays upstream's byte for byte, adapter_config.json included.
         for name in config_defaults():
             if hasattr(ns, name):
                 delattr(ns, name)
         return wrapped(*args, **kwargs)
     check_run(options, ns)
-    token = run_datasets.set(())
+    with running(PreferenceRun(options)) as preference_run:
+        preference_run.splits = load_datasets_first(ns)
+        test_set = preference_dataset_of(preference_run.splits[2])
+        if getattr(ns, "test", False) and test_set is not None:
+            # --test scores the test split after training with training's reference,
+            # which for reference precomputed means scoring it before training too.
+            preference_run.scored_alike.append(test_set)
+        return wrapped(*args, **kwargs)
+
+
+def check_config_keys(ns):
+    """A misspelt YAML key would be ignored (mlx-lm reads only the keys it knows) and the
+    run go on without it: refuse the keys that are one or two edits from a known one. For
+    an SFT run only the misspellings of preference options (upstream's own keys are
+    upstream's business)."""
+    if not getattr(ns, "config", None):
+        return
+    from mlx_lm import lora as lora_cli
+
+    with open(ns.config) as fid:
+        config = yaml.load(fid, lora_cli.yaml_loader)  # a mapping: check_config_file
+    ours = set(config_defaults())
+    preference = PreferenceArgs.from_namespace(ns).is_preference
+    known = set(lora_cli.CONFIG_DEFAULTS) | MORE_KEYS | FEATURES | ours
+    known |= {a.dest for a in lora_cli.build_parser()._actions}
+    entries = config.get("hf_dataset") or []
+    entries = [entries] if isinstance(entries, dict) else entries
+    checks = [(config, known, "")]
+    checks += [(e, HF_DATASET_KEYS, f"hf_dataset[{i}].") for i, e in enumerate(entries)]
+    for mapping, names, where in checks:
+        if not isinstance(mapping, dict):
+            raise ConfigError(
+                f"{ns.config}: {where or 'hf_dataset'} must be a mapping."
+            )
+        for key in mapping:
+            if key in names:
+                continue
+            guess = close_match(key, names)
+            if guess and (preference or guess in ours):
+                raise ConfigError(
+                    f"{ns.config}: unknown key '{where}{key}'; did you mean '{guess}'?"
+                )
+
+
+def check_sft_data(ns):
+    """Preference pairs in an SFT run's local data (``loss_type`` forgotten or misspelt)
+    fail in upstream's loader after the model loaded; say so before."""
+    path = Path(getattr(ns, "data", None) or "") / "train.jsonl"
+    if (
+        getattr(ns, "hf_dataset", None)
+        or not getattr(ns, "train", False)
+        or not path.is_file()
+    ):
+        return
+    with open(path, "rb") as fid:
+        first = next((line for line in fid if line.strip()), b"")
     try:
-        with using_options(options):
-            return wrapped(*args, **kwargs)
-    finally:
-        run_datasets.reset(token)
+        row = json.loads(first)
+    except ValueError:
+        return  # upstream's loader reports it
+    if is_preference_row(row):
+        raise DataError(
+            f"{path}: rows with 'chosen' and 'rejected' are preference pairs; train on "
+            "them with --loss-type dpo or orpo (YAML: loss_type: dpo)."
+        )
 
 
 def check_run(options, ns):
     """Refuse, before anything is loaded or written, what the run could not do."""
+    losses = ",".join(options.loss_type)
+    for name, least in (("max_seq_length", 2), ("batch_size", 1), ("iters", 0)):
+        value = getattr(ns, name, None)
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ConfigError(
+                f"{name} must be a whole number >= {least}, got {value!r}."
+            )
     live_reference = options.reference in ("adapters_off", "initial_adapter")
     if options.needs_reference and live_reference and ns.fine_tune_type == "full":
         raise ConfigError(
-            f"--loss-type {','.join(options.loss_type)} with --fine-tune-type full: the "
-            f"reference ({options.reference}) comes from the LoRA adapters, and full "
-            "fine-tuning has none. Use --reference precomputed (the default there), "
-            "--fine-tune-type lora (or dora), or a reference-free loss (orpo, simpo)."
+            f"--loss-type {losses} with --fine-tune-type full: the reference "
+            f"({options.reference}) comes from the LoRA adapters, and full fine-tuning has "
+            "none. Use --reference precomputed (the default there), --fine-tune-type lora "
+            "(or dora), or a reference-free loss (orpo, simpo)."
+        )
+    if not options.needs_reference and options.reference != "auto":
+        raise ConfigError(
+            f"--reference {options.reference} with --loss-type {losses}: "
+            f"{options.method.upper()} has no reference model. Remove --reference."
+        )
+    if getattr(ns, "mask_prompt", False):
+        raise ConfigError(
+            f"--mask-prompt with --loss-type {losses}: preference losses score the "
+            "completions only (ORPO's NLL covers the prompt too, as TRL's): the option "
+            "would change nothing. Remove --mask-prompt (YAML: mask_prompt)."
+        )
+    if (
+        options.needs_reference
+        and options.reference == "precomputed"
+        and getattr(ns, "test", False)
+        and not getattr(ns, "train", False)
+    ):
+        raise ConfigError(
+            "--reference precomputed scores the pairs with the model as training starts, "
+            "and --test without --train trains nothing. Use --reference auto (the base "
+            "model) or adapters_off."
+        )
+    if options.prompt_sharing == "true" and getattr(ns, "grad_checkpoint", False):
+        raise ConfigError(
+            f"prompt_sharing true: {CHECKPOINTING}. Set prompt_sharing auto."
         )
     pairs_per_rank = ns.batch_size // mx.distributed.init().size()
     if set(options.loss_type) & {"aot", "aot_unpaired"} and pairs_per_rank < 2:
@@ -72,14 +216,38 @@ def check_run(options, ns):
         )
 
 
+def load_datasets_first(ns) -> tuple:
+    """The (train, valid, test) datasets, built with the model's tokenizer alone: every
+    data error surfaces before the model loads."""
+    from mlx_lm.utils import _download, load_config, load_tokenizer
+
+    try:
+        model_path = _download(ns.model)
+        eos = load_config(model_path).get("eos_token_id")
+        tokenizer = load_tokenizer(
+            model_path,
+            {"trust_remote_code": getattr(ns, "trust_remote_code", False)},
+            eos_token_ids=eos,
+        )
+    except Exception as e:  # what mlx-lm's load would fail on next
+        raise ConfigError(f"--model {ns.model}: cannot load it ({e}).") from None
+    return mlx_lm.lora.load_dataset(ns, tokenizer)
+
+
 def load_dataset(wrapped, instance, args, kwargs):
-    splits = wrapped(*args, **kwargs)
     ns = kwargs["args"] if "args" in kwargs else args[0]
-    # --test scores the test split after training with training's reference, which for
-    # reference precomputed means scoring it before training too.
-    if getattr(ns, "test", False) and preference_dataset_of(splits[2]):
-        run_datasets.set((splits[2],))
-    return splits
+    preference_run = current_run()
+    if preference_run is not None and preference_run.splits is not None:
+        return preference_run.splits
+    if not PreferenceArgs.from_namespace(ns).is_preference:
+        return wrapped(*args, **kwargs)
+    try:
+        return wrapped(*args, **kwargs)
+    except (ConfigError, DataError):
+        raise
+    except ValueError as e:  # upstream's "Training set not found or empty", ...
+        source = "hf_dataset" if getattr(ns, "hf_dataset", None) else ns.data
+        raise DataError(f"{source}: {e}") from None
 
 
 def evaluate_model(wrapped, instance, args, kwargs):
@@ -87,20 +255,22 @@ def evaluate_model(wrapped, instance, args, kwargs):
     ns, model, test_set = a["args"], a["model"], a["test_set"]
     if preference_dataset_of(test_set) is None:
         return wrapped(*args, **kwargs)
-    # Score as training did (its reference), else the base model as reference.
-    trained_with = getattr(model, "_pref_reference", None)
-    if trained_with and test_set.options.needs_reference:
-        test_set.options = test_set.options.replace(reference=trained_with)
-    # Through the patched trainer.evaluate, the same path as validation during training.
+    preference_run = current_run()
+    trained = preference_run is not None and preference_run.trained
+    # Through the patched trainer.evaluate, the same path as validation during training:
+    # scored as training did (its loss and reference), else the base model as reference.
     result = mlx_lm.tuner.trainer.evaluate(
         model=model,
         dataset=CacheDataset(test_set),
         batch_size=ns.batch_size,
         num_batches=ns.test_batches,
         max_seq_length=ns.max_seq_length,
+        **({"loss": preference_run.loss} if trained else {}),
     )
     if "num_tokens" in result.metrics:  # TRL's count of tokens trained on so far
-        result.metrics["num_tokens"] = float(getattr(model, "_pref_trained_tokens", 0))
+        result.metrics["num_tokens"] = float(
+            preference_run.trained_tokens if trained else 0
+        )
     rprint(f"Test {format_metrics(result.metrics)}")
     if ns.adapter_path:
         iteration = ns.iters if ns.train else 0
@@ -111,6 +281,7 @@ def evaluate_model(wrapped, instance, args, kwargs):
 
 
 PATCHES = [
+    ("main", function_wrapper(main)),
     ("build_parser", function_wrapper(build_parser)),
     ("CONFIG_DEFAULTS", lambda defaults: {**defaults, **config_defaults()}),
     ("run", function_wrapper(run)),

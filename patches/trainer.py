@@ -1,56 +1,53 @@
 """Patches for ``mlx_lm.tuner.trainer``.
 
-``default_loss`` and ``iterate_batches`` become preference-aware and fall through to the
-originals for SFT data. ``train`` and ``evaluate`` captured the originals as default arguments,
-so their wrappers put the patched ones in whenever the caller left the default; ``train`` also
-picks and checks the reference, routes the metrics to mlx-lm's reports, and stops on
-non-finite values before they reach the adapter file (``safety``).
+``train`` and ``evaluate`` captured the originals of ``default_loss`` and ``iterate_batches``
+as default arguments. Their wrappers start (or join) the ``PreferenceRun`` when the data are
+preference pairs and hand mlx-lm's loop a loss and a batch iterator bound to the run's
+options; ``train`` also picks and checks the reference, routes the metrics to mlx-lm's
+reports and stops on non-finite values before they reach the adapter file (``safety``).
+``default_loss`` and ``iterate_batches`` themselves stay preference-aware for a caller who
+names them explicitly, and fall through to the originals for SFT data.
 """
 
 import inspect
-import sys
+from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
 
-from mlx_lm_pref.batching import iterate_preference_batches, preference_dataset_of
+from mlx_lm_pref.batching import (
+    PreferenceBatch,
+    iterate_eval_batches,
+    iterate_preference_batches,
+    preference_dataset_of,
+)
+from mlx_lm_pref.config import ConfigError
+from mlx_lm_pref.console import is_main_rank, log
+from mlx_lm_pref.evaluation import evaluate_preference
 from mlx_lm_pref.metrics import METRICS_FILE, PreferenceReporter
-from mlx_lm_pref.objective import (
-    clear_metric_state,
-    evaluate_preference,
-    init_metric_state,
-    metric_names,
-    preference_loss,
-)
-from mlx_lm_pref.precompute import (
-    model_fingerprint,
-    precompute_reference,
-    run_datasets,
-)
-from mlx_lm_pref.reference import (
-    check_reference,
-    freeze_initial_adapter,
-    resolve_reference,
-)
-from mlx_lm_pref.safety import (
-    RunGuard,
-    SafeSaveModule,
-    active_guard,
-    skip_nonfinite,
-)
+from mlx_lm_pref.objective import METRICS_ATTRIBUTE, PreferenceLoss, metric_names
+from mlx_lm_pref.precompute import model_fingerprint, precompute_reference
+from mlx_lm_pref.reference import InitialAdapter, check_reference, resolve_reference
+from mlx_lm_pref.run import PreferenceRun, current_run, running
+from mlx_lm_pref.safety import RunGuard, SafeSaveModule, skip_nonfinite
 from mlx_lm_pref.sharing import resolve_prompt_sharing
 
-from . import function_wrapper
-
-TARGET = "mlx_lm.tuner.trainer"
+from . import PreferenceWrapper, function_wrapper
 
 
 def default_loss(wrapped, instance, args, kwargs):
-    # A preference batch is (tokens, spans, options[, reference]): with the model, four
-    # arguments or more; an SFT batch is (tokens, lengths).
-    if len(args) + len(kwargs) >= 4:
-        return preference_loss(*args, **kwargs)
-    return wrapped(*args, **kwargs)
+    # A preference batch comes alone, ``loss(model, batch)``; SFT's is (model, batch, lengths).
+    batch = args[1] if len(args) > 1 else kwargs.get("batch")
+    if not isinstance(batch, PreferenceBatch):
+        return wrapped(*args, **kwargs)
+    run = current_run()
+    if run is None or run.loss is None:
+        raise ConfigError(
+            "default_loss got a preference batch outside a training run, so it has no "
+            "options to score it with: use mlx_lm_pref.objective.PreferenceLoss(options)."
+        )
+    return run.loss(*args, **kwargs)
 
 
 def iterate_batches(wrapped, instance, args, kwargs):
@@ -61,23 +58,38 @@ def iterate_batches(wrapped, instance, args, kwargs):
 
 
 def _bind(wrapped, args, kwargs):
-    """Bind a call to ``train``/``evaluate``, swapping their captured default loss and batch
-    iterator for the patched module-level ones."""
     signature = inspect.signature(wrapped)
     bound = signature.bind(*args, **kwargs)
     bound.apply_defaults()
-    trainer = sys.modules[TARGET]
-    for name, patched in (
-        ("loss", "default_loss"),
-        ("iterate_batches", "iterate_batches"),
-    ):
-        if bound.arguments[name] is signature.parameters[name].default:
-            bound.arguments[name] = getattr(trainer, patched)
-    return bound
+    return bound, signature
+
+
+def _is_default(bound, signature, name) -> bool:
+    """Whether the caller left ``name`` to mlx-lm (its captured default, or the module's
+    patched function of that name)."""
+    value, default = bound.arguments[name], signature.parameters[name].default
+    return value is default or (
+        isinstance(value, PreferenceWrapper) and value.__wrapped__ is default
+    )
+
+
+class WatchedBatches:
+    """The training batch iterator, with the guard settling each step before the next.
+    Validation, which train() hands the same iterator, gets ``unwatched``."""
+
+    def __init__(self, iterate_batches, guard):
+        self.unwatched, self.guard = iterate_batches, guard
+
+    def __call__(self, *args, **kwargs):
+        return self.guard.watch(self.unwatched(*args, **kwargs))
+
+
+def _ours(batches) -> bool:
+    return getattr(batches, "func", None) is iterate_preference_batches
 
 
 def train(wrapped, instance, args, kwargs):
-    bound = _bind(wrapped, args, kwargs)
+    bound, signature = _bind(wrapped, args, kwargs)
     a = bound.arguments
     pairs = preference_dataset_of(a["train_dataset"])
     if pairs is None:
@@ -86,89 +98,79 @@ def train(wrapped, instance, args, kwargs):
         raise ValueError(
             "The training set holds preference pairs but the validation set does not."
         )
-    model, options = a["model"], _resolve(a["model"], pairs.options, a["args"])
-    scored_alike = [
+    run = current_run()  # mlx_lm.lora's, else this call starts one
+    with nullcontext(run) if run else running(PreferenceRun(pairs.options)) as run:
+        start_training(run, a)
+        if _is_default(bound, signature, "loss"):
+            a["loss"] = run.loss
+        if _is_default(bound, signature, "iterate_batches"):
+            a["iterate_batches"] = partial(
+                iterate_preference_batches, prompt_sharing=run.options.prompt_sharing
+            )
+        a["iterate_batches"] = WatchedBatches(a["iterate_batches"], run.guard)
+        a["training_callback"] = run.reporter
+        model, guard = a["model"], run.guard
+        restore_optimizer = skip_nonfinite(a["optimizer"]) if guard.skip else None
+        model[METRICS_ATTRIBUTE] = mx.zeros((len(run.loss.metric_names),))
+        try:
+            with guard.ctrl_c_between_steps():
+                return wrapped(*bound.args, **bound.kwargs)
+        except KeyboardInterrupt:
+            log(f"Interrupted after iteration {guard.iteration}. {guard.on_disk()}")
+            raise
+        finally:
+            if restore_optimizer:
+                restore_optimizer()
+            model.pop(METRICS_ATTRIBUTE, None)
+
+
+def start_training(run: PreferenceRun, a: dict) -> None:
+    """Decide what the run trains with, for this model: prompt sharing (the probe), the
+    reference (and its step-0 adapter or its precomputed log-probs), and set up the loss,
+    the guard and the reporter."""
+    model, training_args = a["model"], a["args"]
+    options = resolve_prompt_sharing(model, run.options, training_args.grad_checkpoint)
+    if options.prompt_sharing != "false":
+        log(f"prompt sharing: {SHARING_NAMES[options.prompt_sharing]}")
+    initial = None
+    if options.needs_reference:
+        options = options.replace(reference=resolve_reference(model, options.reference))
+        check_reference(model, options)
+        if options.reference == "initial_adapter":
+            initial = InitialAdapter(model)
+        log(f"{options.method} reference: {REFERENCE_NAMES[options.reference]}")
+    datasets = [
         preference_dataset_of(d) for d in (a["train_dataset"], a["val_dataset"]) if d
     ]
-    scored_alike += [d for d in run_datasets.get() if d not in scored_alike]
-    for dataset in scored_alike:  # the batches carry the options: all score alike
-        dataset.options = options
+    datasets += [d for d in run.scored_alike if d not in datasets]
     if options.reference == "precomputed":
-        _precompute(model, scored_alike, options, a["args"])
-    metrics_path = Path(a["args"].adapter_file).parent / METRICS_FILE
-    if mx.distributed.init().rank() == 0:
+        model_hash = model_fingerprint(model)
+        for dataset in datasets:
+            status = precompute_reference(
+                model,
+                dataset,
+                options,
+                training_args.batch_size,
+                training_args.max_seq_length,
+                model_hash,
+            )
+            log(f"reference log-probs of {dataset.source}: {status}")
+    metrics_path = Path(training_args.adapter_file).parent / METRICS_FILE
+    if is_main_rank():
         # A training run starts its own record, as it overwrites adapters.safetensors.
         metrics_path.unlink(missing_ok=True)
-    a["training_callback"] = PreferenceReporter(
-        model, metric_names(options), metrics_path, inner=a["training_callback"]
+    names = metric_names(options)
+    run.options = options
+    run.loss = PreferenceLoss(options, initial)
+    run.guard = RunGuard(
+        model,
+        names,
+        training_args.adapter_file,
+        skip=options.on_nonfinite == "skip",
     )
-    guard = RunGuard(model, a["args"].adapter_file, skip=options.on_nonfinite == "skip")
-    a["iterate_batches"] = WatchedBatches(a["iterate_batches"], guard)
-    restore_optimizer = skip_nonfinite(a["optimizer"]) if guard.skip else (lambda: None)
-    init_metric_state(model, options)
-    token = active_guard.set(guard)
-    try:
-        with guard.ctrl_c_between_steps():
-            return wrapped(*bound.args, **bound.kwargs)
-    except KeyboardInterrupt:
-        print(
-            f"\n[mlx_lm_pref] Interrupted after iteration {guard.iteration}. {guard.on_disk()}"
-        )
-        raise
-    finally:
-        active_guard.reset(token)
-        restore_optimizer()
-        clear_metric_state(model)
-        # What --test after training needs to score as training did (plain attributes,
-        # outside model.state): the reference in use and TRL's num_tokens.
-        model._pref_reference = options.reference
-        model._pref_trained_tokens = a["training_callback"].trained_tokens
-
-
-def _resolve(model, options, training_args):
-    """Check prompt sharing on this model; pick the reference for this training run, check
-    it, and say which it is."""
-    checkpointing = getattr(training_args, "grad_checkpoint", False)
-    options = resolve_prompt_sharing(model, options, checkpointing)
-    if options.prompt_sharing != "false" and mx.distributed.init().rank() == 0:
-        print(f"[mlx_lm_pref] prompt sharing: {SHARING_NAMES[options.prompt_sharing]}")
-    if not options.needs_reference:
-        return options
-    options = options.replace(reference=resolve_reference(model, options.reference))
-    check_reference(model, options)
-    if options.reference == "initial_adapter":
-        freeze_initial_adapter(model)
-    if mx.distributed.init().rank() == 0:
-        print(
-            f"[mlx_lm_pref] {options.method} reference: {REFERENCE_NAMES[options.reference]}"
-        )
-    return options
-
-
-def _precompute(model, datasets, options, training_args):
-    model_hash = model_fingerprint(model)
-    for dataset in datasets:
-        status = precompute_reference(
-            model,
-            dataset,
-            options,
-            training_args.batch_size,
-            training_args.max_seq_length,
-            model_hash,
-        )
-        if mx.distributed.init().rank() == 0:
-            print(f"[mlx_lm_pref] reference log-probs of {dataset.source}: {status}")
-
-
-class WatchedBatches:
-    """The training batch iterator, with a finiteness check between steps. Validation,
-    which train() hands the same iterator, gets ``unwatched``."""
-
-    def __init__(self, iterate_batches, guard):
-        self.unwatched, self.guard = iterate_batches, guard
-
-    def __call__(self, *args, **kwargs):
-        return self.guard.watch(self.unwatched(*args, **kwargs))
+    run.reporter = PreferenceReporter(
+        run.guard, names, metrics_path, inner=a["training_callback"]
+    )
 
 
 SHARING_NAMES = {
@@ -184,19 +186,43 @@ REFERENCE_NAMES = {
 
 
 def evaluate(wrapped, instance, args, kwargs):
-    bound = _bind(wrapped, args, kwargs)
+    bound, signature = _bind(wrapped, args, kwargs)
     a = bound.arguments
     pairs = preference_dataset_of(a["dataset"])
     if pairs is None:
         return wrapped(*args, **kwargs)
-    pairs.options = resolve_prompt_sharing(a["model"], pairs.options)
-    a["iterate_batches"] = getattr(
-        a["iterate_batches"], "unwatched", a["iterate_batches"]
+    batches = a["iterate_batches"]
+    batches = getattr(batches, "unwatched", batches)
+    default_batches = _is_default(bound, signature, "iterate_batches") or _ours(batches)
+    loss = a["loss"]
+    if _is_default(bound, signature, "loss"):
+        run = current_run()
+        if run is not None and run.loss is not None:  # validation, or --test after it
+            loss = run.loss
+        else:  # a script's own evaluate call: the dataset's options, for this model
+            options = resolve_prompt_sharing(a["model"], pairs.options)
+            loss = PreferenceLoss(options)
+    if not isinstance(loss, PreferenceLoss):
+        # A caller's own loss gets mlx-lm's own evaluation of it, on the pairs in file
+        # order (whole rows: the caller's loss knows nothing of the shared layout).
+        if default_batches:
+            a["iterate_batches"] = iterate_eval_batches
+        return wrapped(*bound.args, **bound.kwargs)
+    if default_batches:  # TRL's evaluation order, in the run's layout
+        batches = partial(
+            iterate_eval_batches, prompt_sharing=loss.options.prompt_sharing
+        )
+    return evaluate_preference(
+        a["model"],
+        a["dataset"],
+        a["batch_size"],
+        a["num_batches"],
+        loss,
+        max_seq_length=a["max_seq_length"],
+        iterate_batches=batches,
+        clear_cache_threshold=a.get("clear_cache_threshold", 0),
+        progress_callback=a.get("progress_callback"),
     )
-    if a["iterate_batches"] is sys.modules[TARGET].iterate_batches:
-        # Evaluation walks the pairs in file order, as TRL's evaluate() does.
-        a["iterate_batches"] = None
-    return evaluate_preference(*bound.args, **bound.kwargs)
 
 
 PATCHES = [

@@ -3,12 +3,13 @@ batch across ranks."""
 
 import mlx.core as mx
 import pytest
-from conftest import whole_rows
+from helpers import whole_rows
 from mlx_lm.tuner.datasets import CacheDataset
 from mlx_lm.utils import load_tokenizer
 
 import mlx_lm_pref  # noqa: F401
 from mlx_lm_pref.batching import (
+    PreferenceBatch,
     collate,
     eval_batch_count,
     iterate_eval_batches,
@@ -55,7 +56,7 @@ def dataset(tiny_model):
 
 def unpack(batch):
     """The pairs a batch holds, as (chosen, rejected, chosen_start, rejected_start)."""
-    tokens, spans = whole_rows(*batch[:2])
+    tokens, spans = whole_rows(batch[0])
     B = len(tokens) // 2
     return [
         (
@@ -97,7 +98,8 @@ def test_eval_batches_are_consecutive_pairs_in_dataset_order(dataset):
     # 10 pairs in batches of 4: the ragged last batch of 2 is kept
     assert [len(unpack(b)) for b in batches] == [4, 4, 2]
     assert eval_batch_count(dataset, 4) == 3
-    assert batches[0][2] == dataset.options.as_constants()
+    (first,) = batches[0]  # a one-element tuple: mlx-lm calls loss(model, *batch)
+    assert isinstance(first, PreferenceBatch) and first.reference is None
 
 
 def test_eval_batches_accept_a_cached_dataset_and_fewer_pairs_than_a_batch(dataset):

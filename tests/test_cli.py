@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import lora, make_rows, read_metrics, run_cli, write_data, write_jsonl
+from helpers import lora, make_rows, read_metrics, run_cli, write_data, write_jsonl
 
 TRAIN = [
     "--train",

@@ -176,11 +176,9 @@ def test_pairs_in_unpatched_batching_fail_with_a_clear_message(tmp_path, tokeniz
         TypeError, match="Import mlx_lm_pref before binding mlx-lm functions"
     ):
         next(original(ds, batch_size=2, max_seq_length=64))
-    tokens, spans, options = next(
-        trainer.iterate_batches(ds, batch_size=2, max_seq_length=64)
-    )
-    assert tokens.shape[0] == 4 and spans.tolist()[0][0] == ds[0].chosen_start
-    assert PreferenceArgs.from_constants(options) == DPO
+    (batch,) = next(trainer.iterate_batches(ds, batch_size=2, max_seq_length=64))
+    assert batch.tokens.shape[0] == 4
+    assert batch.spans.tolist()[0][0] == ds[0].chosen_start
 
 
 # --------------------------------------------------------------------------- ORPO / CPO

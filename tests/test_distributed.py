@@ -11,9 +11,9 @@ pairs, equal the single-process ones. Metrics that are token-weighted means with
 only close, not equal.
 """
 
+import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +21,17 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import read_metrics, run_cli, write_data
+from helpers import (
+    NOISE,
+    assert_adapters_equal,
+    free_port_pair,
+    read_metrics,
+    run_cli,
+    write_data,
+)
+
+# Numbers compared at float32-noise tolerances: run with and without OpenBLAS (.ci/run).
+pytestmark = pytest.mark.numerics
 
 # Means over pairs, or counts: equal to the single-process values.
 EXACT = [
@@ -47,8 +57,12 @@ ARGS = [
     "4",
     "--num-layers",
     "2",
+    # SGD: an update proportional to the gradient, so float32 noise in it stays noise (Adam's
+    # first steps are lr * sign(g), which flips on noise in entries near 0)
+    "--optimizer",
+    "sgd",
     "--learning-rate",
-    "1e-3",
+    "0.2",
     "--steps-per-report",
     "1",
     "--steps-per-eval",
@@ -58,21 +72,6 @@ ARGS = [
     "--seed",
     "0",
 ]
-
-
-def free_port_pair():
-    """A port p with p and p + 1 free (the ring backend listens on one port per rank)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no two consecutive free ports")
 
 
 def launch(ranks, *args, timeout=300):
@@ -113,11 +112,16 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(tiny_model, tmp_
     # 17 validation pairs in batches of 4: the last global batch holds one pair, which only
     # rank 0 gets (rank 1 evaluates one batch fewer).
     data = write_data(tmp_path / "data", n_train=64, n_valid=17)
+    with open(data / "train.jsonl", "a") as fid:  # one pair with nothing to learn
+        fid.write(
+            json.dumps({"prompt": "Is it? ", "chosen": "Yes.", "rejected": "Yes."})
+        )
     common = ["lora", "--model", tiny_model, "--data", data, *ARGS]
     run_cli(*common, "--adapter-path", tmp_path / "single")
     proc = launch(2, *common, "--adapter-path", tmp_path / "ranks")
     # rank 0 alone writes and prints the preference lines
     assert proc.stdout.count("[mlx_lm_pref] dpo reference") == 1
+    assert proc.stdout.count("1 of 65 pairs have chosen identical to rejected") == 1
 
     single, ranks = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "ranks")
     assert [(m["split"], m["iteration"]) for m in ranks] == [
@@ -128,17 +132,14 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(tiny_model, tmp_
     for a, b in zip(single, ranks):
         where = (a["split"], a["iteration"])
         for name in EXACT:
-            assert b[name] == pytest.approx(a[name], rel=1e-6, abs=1e-5), (where, name)
+            assert b[name] == pytest.approx(a[name], **NOISE), (where, name)
         for name in TOKEN_WEIGHTED:  # the same quantity, weighted per rank
             assert math.isfinite(b[name])
             assert b[name] == pytest.approx(a[name], rel=0.1, abs=0.02), (where, name)
     assert single[-1]["rewards/margins"] > 0.5  # training moved: not a trivial equality
 
     # the same updates: the saved adapters agree
-    a = mx.load(str(tmp_path / "single" / "adapters.safetensors"))
-    b = mx.load(str(tmp_path / "ranks" / "adapters.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:
-        np.testing.assert_allclose(
-            np.array(b[key]), np.array(a[key]), rtol=1e-4, atol=1e-6, err_msg=key
-        )
+    load = lambda out: {  # noqa: E731
+        k: np.array(v) for k, v in mx.load(str(out / "adapters.safetensors")).items()
+    }
+    assert_adapters_equal(load(tmp_path / "ranks"), load(tmp_path / "single"))

@@ -8,72 +8,17 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from conftest import TINY_LLAMA
-from mlx.utils import tree_flatten, tree_unflatten
-from mlx_lm.models import llama
-from mlx_lm.tuner.utils import linear_to_lora_layers
+from helpers import random_batch, shared_layout, tiny_lora_model
+from mlx.utils import tree_flatten
 
 import mlx_lm_pref  # noqa: F401
-from mlx_lm_pref.batching import collate_shared
 from mlx_lm_pref.config import DPO_LOSSES, PreferenceArgs
-from mlx_lm_pref.data import Pair
 from mlx_lm_pref.losses import log1mexp
-from mlx_lm_pref.objective import METRICS, preference_loss
+from mlx_lm_pref.objective import METRICS, PreferenceLoss
 from mlx_lm_pref.reference import adapters_disabled
-from mlx_lm_pref.sharing import resolve_prompt_sharing
 
-
-def tiny_lora_model(seed=0, nonzero_adapter=True):
-    mx.random.seed(seed)
-    model = llama.Model(llama.ModelArgs(**TINY_LLAMA))
-    model.freeze()
-    linear_to_lora_layers(model, 2, {"rank": 4, "dropout": 0.0, "scale": 2.0})
-    if nonzero_adapter:  # a trained-looking adapter, so policy != reference
-        lora_b = [
-            (k, mx.random.normal(v.shape) * 0.05)
-            for k, v in tree_flatten(model.trainable_parameters())
-            if k.endswith("lora_b")
-        ]
-        model.update(tree_unflatten(lora_b))
-    mx.eval(model.parameters())
-    resolve_prompt_sharing(
-        model, PreferenceArgs()
-    )  # the probe; the shared tests need it
-    return model
-
-
-def random_batch(seed=0, pairs=4):
-    """(tokens (2B, L), spans (2B, 2)): chosen rows then rejected rows, right-padded, with
-    completions of different lengths and a per-side start."""
-    rng = np.random.default_rng(seed)
-    rows, spans = [], []
-    for _ in range(pairs):
-        p = [1] + list(rng.integers(3, 50, rng.integers(2, 6)))
-        rows.append((p + list(rng.integers(3, 50, rng.integers(1, 7)))))
-        rows.append((p + list(rng.integers(3, 50, rng.integers(1, 7)))))
-        spans += [(len(p), len(rows[-2])), (len(p), len(rows[-1]))]
-    order = list(range(0, 2 * pairs, 2)) + list(range(1, 2 * pairs, 2))
-    width = max(map(len, rows)) + 3  # some padding
-    tokens = np.zeros((2 * pairs, width), np.int32)
-    for k, i in enumerate(order):
-        tokens[k, : len(rows[i])] = rows[i]
-    return mx.array(tokens), mx.array(np.array(spans)[order].astype(np.int32))
-
-
-def shared_layout(tokens, spans):
-    """The same pairs in prompt sharing's layout (``batching.collate_shared``)."""
-    tokens, spans = np.array(tokens), np.array(spans)
-    B = len(tokens) // 2
-    pairs = [
-        Pair(
-            tokens[k, : spans[k, 1]].tolist(),
-            tokens[B + k, : spans[B + k, 1]].tolist(),
-            int(spans[k, 0]),
-            int(spans[B + k, 0]),
-        )
-        for k in range(B)
-    ]
-    return collate_shared(pairs, 2048)
+# Numbers compared at float32-noise tolerances: run with and without OpenBLAS (.ci/run).
+pytestmark = pytest.mark.numerics
 
 
 # ---- the independent reference, float64 numpy ----
@@ -291,11 +236,12 @@ def test_matches_numpy(case, layout):
     """Every metric of every objective, in both batch layouts (whole rows; each prompt
     once with prompt sharing), against float64 numpy on the whole rows."""
     model = tiny_lora_model()
-    tokens, spans = random_batch()
+    rows = random_batch()
+    tokens, spans = rows.tokens, rows.spans
     options = PreferenceArgs(**case)
-    batch = (tokens, spans) if layout == "rows" else shared_layout(tokens, spans)
-    loss, ntoks = preference_loss(model, *batch, options.as_constants())
-    ours = dict(zip(METRICS[options.method], model._pref_metrics.tolist()))
+    batch = rows if layout == "rows" else shared_layout(rows)
+    loss, ntoks, metrics = PreferenceLoss(options).metrics(model, batch)
+    ours = dict(zip(METRICS[options.method], metrics.tolist()))
     expected = REFERENCES[options.method](model, tokens, spans, options)
     assert set(ours) == set(expected)
     for name in expected:
@@ -306,10 +252,7 @@ def test_matches_numpy(case, layout):
 
 def test_first_dpo_loss_is_ln2_with_a_fresh_adapter():
     model = tiny_lora_model(nonzero_adapter=False)  # mlx-lm initialises lora_b to zero
-    tokens, spans = random_batch(1)
-    loss, _ = preference_loss(
-        model, tokens, spans, PreferenceArgs(loss_type="dpo").as_constants()
-    )
+    loss, _ = PreferenceLoss(PreferenceArgs(loss_type="dpo"))(model, random_batch(1))
     assert abs(loss.item() - math.log(2)) < 1e-6
     metrics = dict(zip(METRICS["dpo"], model._pref_metrics.tolist()))
     assert metrics["rewards/chosen"] == metrics["rewards/rejected"] == 0.0
@@ -319,11 +262,8 @@ def test_first_dpo_loss_is_ln2_with_a_fresh_adapter():
 @pytest.mark.parametrize("loss_type", ["dpo", "orpo", "simpo", "ipo"])
 def test_gradients_are_finite_and_reach_the_adapter(loss_type):
     model = tiny_lora_model(nonzero_adapter=False)
-    tokens, spans = random_batch(2, pairs=2)
-    constants = PreferenceArgs(loss_type=loss_type).as_constants()
-    _, grads = nn.value_and_grad(model, preference_loss)(
-        model, tokens, spans, constants
-    )
+    loss = PreferenceLoss(PreferenceArgs(loss_type=loss_type))
+    _, grads = nn.value_and_grad(model, loss)(model, random_batch(2, pairs=2))
     norms = [mx.abs(g).sum().item() for _, g in tree_flatten(grads)]
     assert any(n > 0 for n in norms)
     assert all(math.isfinite(n) for n in norms)
@@ -331,11 +271,8 @@ def test_gradients_are_finite_and_reach_the_adapter(loss_type):
 
 def test_aot_needs_two_pairs_per_batch():
     model = tiny_lora_model()
-    tokens, spans = random_batch(3, pairs=1)
     with pytest.raises(ValueError, match="batch_size >= 2"):
-        preference_loss(
-            model, tokens, spans, PreferenceArgs(loss_type="aot").as_constants()
-        )
+        PreferenceLoss(PreferenceArgs(loss_type="aot"))(model, random_batch(3, pairs=1))
 
 
 @pytest.mark.parametrize(
@@ -384,13 +321,14 @@ def test_fused_cross_entropy_path_gives_the_same_numbers(loss_type, monkeypatch)
     import mlx_lm_pref.logps as logps
 
     model = tiny_lora_model()
-    tokens, spans = random_batch()
-    constants = PreferenceArgs(loss_type=loss_type).as_constants()
-    loss_and_grad = nn.value_and_grad(model, preference_loss)
-    (loss, _), grads = loss_and_grad(model, tokens, spans, constants)
+    batch = random_batch()
+    loss_and_grad = nn.value_and_grad(
+        model, PreferenceLoss(PreferenceArgs(loss_type=loss_type))
+    )
+    (loss, _), grads = loss_and_grad(model, batch)
     metrics = model._pref_metrics
     monkeypatch.setattr(logps, "fused_cross_entropy", lambda: True)
-    (fused, _), fused_grads = loss_and_grad(model, tokens, spans, constants)
+    (fused, _), fused_grads = loss_and_grad(model, batch)
     assert abs(loss.item() - fused.item()) < 1e-6
     assert np.allclose(metrics, model._pref_metrics, atol=1e-6)
     for (_, g), (_, h) in zip(tree_flatten(grads), tree_flatten(fused_grads)):

@@ -6,15 +6,13 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-
 TARGETS = """
 import importlib
 TARGETS = {
     "mlx_lm.tuner.trainer": ["default_loss", "iterate_batches", "train", "evaluate", "mx"],
     "mlx_lm.tuner": ["train", "evaluate"],
-    "mlx_lm.tuner.datasets": ["create_dataset", "load_local_dataset"],
-    "mlx_lm.lora": ["build_parser", "CONFIG_DEFAULTS", "run", "load_dataset", "train", "evaluate", "evaluate_model"],
+    "mlx_lm.tuner.datasets": ["create_dataset", "load_local_dataset", "load_custom_hf_dataset"],
+    "mlx_lm.lora": ["main", "build_parser", "CONFIG_DEFAULTS", "run", "load_dataset", "train", "evaluate", "evaluate_model"],
 }
 def snapshot():
     return {(m, a): getattr(importlib.import_module(m), a) for m, ats in TARGETS.items() for a in ats}
@@ -39,7 +37,7 @@ def test_import_before_mlx_lm():
         from mlx_lm_pref.patches import PreferenceWrapper, applied
         import mlx_lm.lora
         now = snapshot()
-        assert len(applied()) == len(now) == 16, applied().keys()
+        assert len(applied()) == len(now) == 18, applied().keys()
         for key, obj in now.items():
             assert applied()[".".join(key)][1] is obj, key
         assert "loss_type" in mlx_lm.lora.build_parser().parse_args(["--loss-type", "dpo"]).__dict__
@@ -100,33 +98,10 @@ def test_stale_reference_falls_through_after_unpatch():
     assert "ok" in out
 
 
-@pytest.fixture(scope="module")
-def old_mlx_lm(tmp_path_factory):
-    """A real mlx-lm release just below the supported range, installed on its own."""
-    target = tmp_path_factory.mktemp("old_mlx_lm")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--no-deps",
-            "--target",
-            str(target),
-            "mlx-lm==0.31.3",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    return target
-
-
-def test_unsupported_mlx_lm_version_patches_nothing(old_mlx_lm):
+def test_unsupported_mlx_lm_version_patches_nothing(mlx_lm_release):
     import os
 
-    env = {**os.environ, "PYTHONPATH": str(old_mlx_lm)}
+    env = {**os.environ, "PYTHONPATH": str(mlx_lm_release("0.31.3"))}
     out = run_python(
         """
         import importlib.metadata, sys

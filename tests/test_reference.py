@@ -4,7 +4,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from conftest import TINY_LLAMA
+from helpers import TINY_LLAMA
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models import llama
 from mlx_lm.models.switch_layers import SwitchLinear
@@ -15,11 +15,10 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 import mlx_lm_pref  # noqa: F401
 from mlx_lm_pref.config import PreferenceArgs
 from mlx_lm_pref.reference import (
+    InitialAdapter,
     adapter_layers,
     adapters_disabled,
     check_reference,
-    freeze_initial_adapter,
-    initial_adapter,
     resolve_reference,
 )
 
@@ -110,16 +109,18 @@ def test_trainable_non_adapter_weights_are_refused():
 def test_initial_adapter_reference_is_the_adapter_at_step_0(dora):
     model, tokens, base_logits = base_and_adapted(dora=dora)
     at_start = model(tokens)
-    freeze_initial_adapter(model)
+    initial = InitialAdapter(model)
     # training moves the adapter (the optimizer replaces the arrays)
     moved = [(k, v + 0.2) for k, v in tree_flatten(model.trainable_parameters())]
     model.update(tree_unflatten(moved))
     now = model(tokens)
     assert mx.abs(now - at_start).max().item() > 1e-2
-    with initial_adapter(model):
+    with initial.swapped_in(model):
         reference = model(tokens)
     np.testing.assert_allclose(np.array(reference), np.array(at_start), atol=1e-6)
     np.testing.assert_allclose(np.array(model(tokens)), np.array(now), atol=1e-6)
+    # the snapshot is the run's, not the model's: nothing stays on the layers
+    assert not [k for k, _ in tree_flatten(model.state) if "initial" in k]
 
 
 def test_auto_reference_follows_the_adapter_state():

@@ -3,7 +3,7 @@ initial adapter), not the base model, unless asked otherwise."""
 
 import math
 
-from conftest import make_rows, read_metrics, run_cli, write_data, write_jsonl
+from helpers import make_rows, read_metrics, run_cli, write_data, write_jsonl
 
 COMMON = [
     "--batch-size",

@@ -1,5 +1,6 @@
 """Scaling features of mlx-lm with every preference method, through the real CLI: gradient
-accumulation, gradient checkpointing, quantized (QLoRA) and bf16/fp16 bases; float32 losses;
+accumulation (checkpointing, in every combination: test_combinations), quantized (QLoRA)
+and bf16/fp16 bases; float32 losses;
 ORPO at the edges of its domain; and the supported mlx-lm range at its oldest end."""
 
 import collections
@@ -13,7 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import (
+from helpers import (
     TINY_LLAMA,
     corpus,
     lora,
@@ -137,6 +138,7 @@ def train_run(tiny_model, equal_length_data, tmp_path_factory):
     return run
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("method", list(METHODS))
 def test_grad_accumulation_equals_one_batch_of_k_times_b(train_run, method):
     whole = train_run(method, batch_size=4)
@@ -165,36 +167,6 @@ def test_grad_accumulation_equals_one_batch_of_k_times_b(train_run, method):
     assert max(float(mx.abs(v).max()) for v in weights.values()) > 1e-2
 
 
-@pytest.mark.parametrize(
-    "method,extra",
-    [
-        (
-            "dpo",
-            (),
-        ),  # the reference pass runs with LoRA scales 0 inside checkpointed layers
-        ("dpo", ("--fine-tune-type", "dora")),  # and with DoRA's magnitudes swapped
-        ("orpo", ()),
-        ("simpo", ()),
-    ],
-    ids=["dpo", "dpo-dora", "orpo", "simpo"],
-)
-def test_grad_checkpoint_gives_the_same_losses(train_run, method, extra):
-    plain = train_run(method, *extra)
-    checkpointed = train_run(method, *extra, "--grad-checkpoint")
-    a, b = read_metrics(plain), read_metrics(checkpointed)
-    assert [(m["split"], m["iteration"]) for m in a] == [
-        (m["split"], m["iteration"]) for m in b
-    ]
-    for x, y in zip(a, b):
-        for name, value in numbers(x).items():
-            assert y[name] == pytest.approx(value, rel=1e-5, abs=1e-6), (x, name)
-    if method == "dpo":
-        # the reference stayed the base model: a fresh adapter starts at exactly ln 2
-        assert abs(b[0]["loss"] - math.log(2)) < 1e-6
-        assert b[-1]["rewards/margins"] != 0.0
-    assert_adapters_close(plain, checkpointed)
-
-
 # ---- quantized, bf16 and fp16 bases ----
 
 
@@ -202,7 +174,7 @@ def test_grad_checkpoint_gives_the_same_losses(train_run, method, extra):
 def base_models(tiny_model, tmp_path_factory):
     """A 4-bit model converted by mlx_lm's own converter from the local tiny model (offline:
     run_cli sets HF_HUB_OFFLINE), and bf16 / fp16 builds of the same architecture."""
-    from mlx_lm_pref.tiny import build_model
+    from mlx_lm_pref.demo.tiny import build_model
 
     root = tmp_path_factory.mktemp("bases")
     run_cli(
@@ -282,9 +254,10 @@ def test_losses_and_logps_are_float32_on_low_precision_models(dtype):
     from mlx_lm.models import llama
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
+    from mlx_lm_pref.batching import PreferenceBatch
     from mlx_lm_pref.config import PreferenceArgs
     from mlx_lm_pref.logps import token_logps
-    from mlx_lm_pref.objective import preference_loss
+    from mlx_lm_pref.objective import PreferenceLoss
 
     mx.random.seed(0)
     model = llama.Model(llama.ModelArgs(**TINY_LLAMA))
@@ -305,11 +278,11 @@ def test_losses_and_logps_are_float32_on_low_precision_models(dtype):
     assert {v.dtype for _, v in tree_flatten(model.parameters())} >= {dtype}
 
     for loss_type in ("dpo", "orpo", "simpo"):
-        constants = PreferenceArgs(loss_type=loss_type).as_constants()
-        loss, _ = preference_loss(model, tokens, spans, constants)
-        assert loss.dtype == mx.float32, loss_type
-        assert model._pref_metrics.dtype == mx.float32, loss_type
-        assert bool(mx.all(mx.isfinite(model._pref_metrics))), loss_type
+        loss = PreferenceLoss(PreferenceArgs(loss_type=loss_type))
+        value, _, metrics = loss.metrics(model, PreferenceBatch(tokens, spans))
+        assert value.dtype == mx.float32, loss_type
+        assert metrics.dtype == mx.float32, loss_type
+        assert bool(mx.all(mx.isfinite(metrics))), loss_type
 
 
 # ---- ORPO at log p = 0 and very negative log p ----
@@ -376,30 +349,13 @@ print("mlx-lm", importlib.metadata.version("mlx-lm"), mlx_lm.__file__)
 
 
 @pytest.fixture(scope="module")
-def oldest_mlx_lm(tmp_path_factory):
+def oldest_mlx_lm(mlx_lm_release):
     """PYTHONPATH entries putting the oldest supported mlx-lm in front of the installed one
-    (installed on its own with --target when it differs), and its version."""
+    (when it differs), and its version."""
     oldest, installed = lower_bound(), importlib.metadata.version("mlx-lm")
     if oldest == installed:
         return [], oldest
-    target = tmp_path_factory.mktemp("oldest_mlx_lm")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--no-deps",
-            "--target",
-            str(target),
-            f"mlx-lm=={oldest}",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    return [str(target)], oldest
+    return [str(mlx_lm_release(oldest))], oldest
 
 
 def test_oldest_supported_mlx_lm(oldest_mlx_lm, tiny_model, tmp_path, monkeypatch):

@@ -7,12 +7,14 @@ import subprocess
 import sys
 import textwrap
 
-from conftest import run_cli, write_data
+import pytest
+from helpers import run_cli, write_data
 
 SCRIPT = """
 import json, sys, types
 import mlx.core as mx
 import mlx.optimizers as optim
+from mlx.utils import tree_flatten
 import mlx_lm.tuner.datasets as datasets
 import mlx_lm.tuner.trainer as trainer  # mlx_lm first, on purpose: order does not matter
 from mlx_lm import load
@@ -42,7 +44,7 @@ trainer.train(model, optim.Adam(learning_rate=1e-3), CacheDataset(train_set), Ca
       args=TrainingArgs(batch_size=4, iters=20, steps_per_report=10, steps_per_eval=20,
                         val_batches=-1, adapter_file=f"{adapters}/adapters.safetensors"),
       training_callback=recorder)
-assert "_pref_metrics" not in model and "_pref_train_sum" not in model  # cleaned up
+assert not [k for k, _ in tree_flatten(model.state) if "_pref" in k]  # nothing left
 json.dump({"train": recorder.train, "val": recorder.val}, sys.stdout, default=float)
 """
 
@@ -111,3 +113,39 @@ def test_script_api_and_fuse(tiny_model, tmp_path):
     base, _ = load(str(tiny_model))
     assert mx.abs(with_adapter(tokens) - base(tokens)).max().item() > 1e-3
     assert mx.allclose(with_adapter(tokens), fused(tokens), atol=1e-4).item()
+
+
+def test_evaluate_gives_a_callers_own_loss_its_own_value(tiny_model):
+    """mlx-lm's evaluate with a loss of the caller's: on preference data that loss gets
+    each ``PreferenceBatch`` and mlx-lm's own token-weighted average comes back; with the
+    default loss, the preference metrics."""
+    import math
+
+    import mlx.core as mx
+    import mlx_lm.tuner.trainer as trainer
+    from helpers import make_rows
+    from mlx_lm import load
+    from mlx_lm.tuner.datasets import CacheDataset
+
+    from mlx_lm_pref import PreferenceArgs, PreferenceDataset
+    from mlx_lm_pref.batching import PreferenceBatch
+
+    model, tokenizer = load(str(tiny_model))
+    pairs = PreferenceDataset(make_rows(6, 1), tokenizer, PreferenceArgs("dpo"))
+    seen = []
+
+    def longest_row(model, batch):
+        assert isinstance(batch, PreferenceBatch) and not batch.shared
+        seen.append((batch.spans[:, 1].max().item(), batch.num_tokens().item()))
+        return batch.spans[:, 1].max().astype(mx.float32), batch.num_tokens()
+
+    value = trainer.evaluate(
+        model, CacheDataset(pairs), batch_size=2, num_batches=-1, loss=longest_row
+    )
+    assert len(seen) == 3  # 6 pairs in file order, batches of 2
+    expected = sum(v * n for v, n in seen) / sum(n for _, n in seen)
+    assert value == pytest.approx(expected) and not hasattr(value, "metrics")
+    default = trainer.evaluate(model, CacheDataset(pairs), batch_size=2, num_batches=-1)
+    # a model without adapters is its own reference: every pair scores ln 2
+    assert default.metrics["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert default.metrics["rewards/margins"] == 0.0

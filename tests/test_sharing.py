@@ -1,22 +1,29 @@
 """Prompt sharing: the shared layout gives the concatenated forward's losses, metrics and
 gradients; the probe accepts the architectures it reproduces and turns sharing off (or
-refuses) for the others; training through the CLI is the same run either way."""
+refuses) for the others. (Training through the CLI is the same run either way, in every
+combination of options: ``test_combinations``.)"""
 
 import importlib
-import math
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from conftest import lora, read_metrics, write_jsonl
+from helpers import (
+    lora,
+    random_batch,
+    read_metrics,
+    shared_layout,
+    tiny_lora_model,
+    write_jsonl,
+)
 from mlx.utils import tree_flatten
 from mlx_lm.utils import load_tokenizer
-from test_objective import random_batch, shared_layout, tiny_lora_model
 
 import mlx_lm_pref  # noqa: F401
 from mlx_lm_pref.batching import (
     SHARE_BELOW,
+    PreferenceBatch,
     collate,
     collate_shared,
     iterate_preference_batches,
@@ -25,7 +32,7 @@ from mlx_lm_pref.batching import (
 )
 from mlx_lm_pref.config import ConfigError, PreferenceArgs
 from mlx_lm_pref.data import Pair, PreferenceDataset
-from mlx_lm_pref.objective import preference_loss
+from mlx_lm_pref.objective import PreferenceLoss
 from mlx_lm_pref.sharing import prompt_sharing_problem, resolve_prompt_sharing
 
 
@@ -38,7 +45,7 @@ def long_prompt_batch(seed, pairs=3):
         chosen = rng.integers(3, 50, rng.integers(2, 5)).tolist()
         rejected = rng.integers(3, 50, rng.integers(2, 5)).tolist()
         out.append(Pair(prompt + chosen, prompt + rejected, len(prompt)))
-    return collate(out, 2048)
+    return PreferenceBatch(*collate(out, 2048))
 
 
 CASES = [
@@ -52,20 +59,23 @@ CASES = [
 ]
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("batch", ["random", "long_prompts"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c.values())))
 def test_same_loss_metrics_and_gradients(case, batch):
     model = tiny_lora_model()
+    initial = None
     if case.get("reference") == "initial_adapter":
-        from mlx_lm_pref.reference import freeze_initial_adapter
+        from mlx_lm_pref.reference import InitialAdapter
 
-        freeze_initial_adapter(model)
-    tokens, spans = random_batch(5) if batch == "random" else long_prompt_batch(5)
-    constants = PreferenceArgs(**case).as_constants()
-    loss_and_grad = nn.value_and_grad(model, preference_loss)
+        initial = InitialAdapter(model)
+    rows = random_batch(5) if batch == "random" else long_prompt_batch(5)
+    loss_and_grad = nn.value_and_grad(
+        model, PreferenceLoss(PreferenceArgs(**case), initial)
+    )
     results = []
-    for layout in ((tokens, spans), shared_layout(tokens, spans)):
-        (loss, ntoks), grads = loss_and_grad(model, *layout, constants)
+    for layout in (rows, shared_layout(rows)):
+        (loss, ntoks), grads = loss_and_grad(model, layout)
         results.append((loss, ntoks, model._pref_metrics, dict(tree_flatten(grads))))
     (loss, ntoks, metrics, grads), (s_loss, s_ntoks, s_metrics, s_grads) = results
     assert abs(loss.item() - s_loss.item()) <= 1e-5
@@ -99,25 +109,15 @@ def test_shared_layout_reads_each_prompt_once():
 
 
 def test_auto_shares_where_it_computes_fewer_positions():
-    options = PreferenceArgs(loss_type="dpo")
     long = [Pair([1] + [5] * 100 + [6, 7], [1] + [5] * 100 + [8], 101)]
     short = [Pair([1, 5, 6, 7] + [3] * 40, [1, 5, 8] + [3] * 40, 2)]
     assert shared_positions(long, 2048) < SHARE_BELOW < shared_positions(short, 2048)
     assert shared_positions([Pair([1, 2], [3, 4], 1)], 2048) is None
-    assert isinstance(make_batch(long, 2048, "x", options)[0], tuple)
-    assert not isinstance(make_batch(short, 2048, "x", options)[0], tuple)
-    forced = options.replace(prompt_sharing="true")
-    assert isinstance(make_batch(short, 2048, "x", forced)[0], tuple)
-    off = options.replace(prompt_sharing="false")
-    assert not isinstance(make_batch(long, 2048, "x", off)[0], tuple)
-
-
-def test_an_unchecked_model_refuses_a_shared_batch():
-    model = tiny_lora_model()
-    model._pref_prompt_sharing = False
-    batch = shared_layout(*long_prompt_batch(1))
-    with pytest.raises(ConfigError, match="not checked"):
-        preference_loss(model, *batch, PreferenceArgs(loss_type="orpo").as_constants())
+    assert make_batch(long, 2048, "x", "auto").shared
+    assert not make_batch(short, 2048, "x", "auto").shared
+    assert make_batch(short, 2048, "x", "true").shared
+    assert not make_batch(long, 2048, "x", "false").shared
+    assert not make_batch(long, 2048, "x").shared  # whole rows unless asked
 
 
 TINY = dict(
@@ -242,59 +242,14 @@ def long_prompt_rows(n, seed):
     return rows
 
 
-@pytest.mark.parametrize("loss_type", ["dpo", "orpo"])
-def test_training_is_the_same_run_with_and_without_sharing(
-    tiny_model, tmp_path, loss_type
-):
-    data = tmp_path / "data"
-    for split, n, seed in (("train", 16, 1), ("valid", 6, 2), ("test", 6, 3)):
-        write_jsonl(data / f"{split}.jsonl", long_prompt_rows(n, seed))
-    # auto shares the prompts of every training batch of this data
+def test_auto_shares_every_batch_of_long_prompts(tiny_model):
     pairs = PreferenceDataset(
-        long_prompt_rows(16, 1), load_tokenizer(tiny_model), PreferenceArgs(loss_type)
+        long_prompt_rows(16, 1), load_tokenizer(tiny_model), PreferenceArgs("dpo")
     )
+    batches = list(iterate_preference_batches(pairs, 2, 2048, prompt_sharing="auto"))
+    assert len(batches) == 8 and all(batch.shared for (batch,) in batches)
     batches = list(iterate_preference_batches(pairs, 2, 2048))
-    assert batches and all(isinstance(b[0], tuple) for b in batches)
-    runs = {}
-    for sharing in ("auto", "false"):
-        out = tmp_path / sharing
-        proc = lora(
-            tiny_model,
-            data,
-            out,
-            "--train",
-            "--test",
-            "--loss-type",
-            loss_type,
-            "--prompt-sharing",
-            sharing,
-            "--iters",
-            "4",
-            "--steps-per-report",
-            "1",
-            "--steps-per-eval",
-            "2",
-            "--batch-size",
-            "2",
-            "--num-layers",
-            "2",
-            "--learning-rate",
-            "1e-3",
-            "--seed",
-            "0",
-        )
-        assert "prompt sharing off" not in proc.stdout
-        assert ("prompt sharing: auto" in proc.stdout) == (sharing == "auto")
-        runs[sharing] = (read_metrics(out), proc.stdout)
-    shared, rows = runs["auto"][0], runs["false"][0]
-    assert len(shared) == len(rows) >= 4 + 3 + 1  # steps, validations, test
-    for a, b in zip(shared, rows):
-        assert a.keys() == b.keys()
-        for name, value in a.items():
-            if isinstance(value, float) and math.isfinite(value):
-                assert value == pytest.approx(b[name], abs=1e-5, rel=1e-5), name
-            else:
-                assert value == b[name], name
+    assert not any(batch.shared for (batch,) in batches)
 
 
 def test_gradient_checkpointing_turns_sharing_off(tiny_model, tmp_path):

@@ -35,6 +35,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+# Numbers compared at float32-noise tolerances: run with and without OpenBLAS (.ci/run).
+pytestmark = pytest.mark.numerics
+
 os.environ.setdefault(
     "TRL_EXPERIMENTAL_SILENCE", "1"
 )  # ORPO/CPO live in trl.experimental
@@ -203,7 +206,7 @@ DPO_VARIANTS = [
         {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]},
     ),
     ("ld_alpha", ["--ld-alpha", "0.5"], {"ld_alpha": 0.5}),
-    ("use_weighting", ["--use-weighting", "true"], {"use_weighting": True}),
+    ("use_weighting", ["--use-weighting"], {"use_weighting": True}),
 ]
 CPO_VARIANTS = [
     (
@@ -389,7 +392,7 @@ def workdir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def models(workdir):
     """tokenizer variant -> (model folder, mlx adapter folder, PEFT adapter folder)."""
-    from mlx_lm_pref.tiny import build_model
+    from mlx_lm_pref.demo.tiny import build_model
 
     out = {}
     for name in TOKENIZERS:
@@ -722,7 +725,7 @@ def _our_first_batch_grads(model_path, adapter_dir, case, prompt_sharing):
 
     from mlx_lm_pref.batching import iterate_eval_batches
     from mlx_lm_pref.data import PreferenceDataset
-    from mlx_lm_pref.objective import preference_loss
+    from mlx_lm_pref.objective import PreferenceLoss
     from mlx_lm_pref.sharing import resolve_prompt_sharing
 
     model, tokenizer = load(str(model_path), adapter_path=str(adapter_dir))
@@ -732,13 +735,18 @@ def _our_first_batch_grads(model_path, adapter_dir, case, prompt_sharing):
     options = options.replace(prompt_sharing=prompt_sharing)
     assert resolve_prompt_sharing(model, options) == options
     dataset = PreferenceDataset(case.rows(), tokenizer, options)
-    batch = next(iterate_eval_batches(dataset, case.batch, max_length or 2048))
-    assert isinstance(batch[0], tuple) == (prompt_sharing == "true")
+    (batch,) = next(
+        iterate_eval_batches(
+            dataset, case.batch, max_length or 2048, prompt_sharing=prompt_sharing
+        )
+    )
+    assert batch.shared == (prompt_sharing == "true")
+    preference_loss = PreferenceLoss(options)
 
-    def loss(*args):
-        return preference_loss(model, *args)[0]
+    def loss(batch):
+        return preference_loss(model, batch)[0]
 
-    value, grads = nn.value_and_grad(model, loss)(*batch)
+    value, grads = nn.value_and_grad(model, loss)(batch)
     mx.eval(value, grads)
     return float(value), {k: np.array(v) for k, v in tree_flatten(grads)}
 

@@ -2,7 +2,7 @@
 
 Helpers for ``test_trl_parity.py`` (and for digging into a mismatch by hand):
 
-- ``load_hf_model``: the tiny mlx-lm model folder (``mlx_lm_pref.tiny.build_model``) opened as a
+- ``load_hf_model``: the tiny mlx-lm model folder (``mlx_lm_pref.demo.tiny.build_model``) opened as a
   float32 ``LlamaForCausalLM``; ``check_hf_matches_mlx`` compares its logits with
   ``mlx_lm.load``'s.
 - ``write_lora_pair``: one random LoRA adapter written twice, as an mlx-lm adapter folder

@@ -8,7 +8,7 @@ The preference data always prefers the polite answer, and ``judge`` checks the o
 prompts that neither SFT nor preference training ever saw.
 
 The model: a ~100k-parameter Llama with its own BPE tokenizer and ChatML template
-(``mlx_lm_pref.tiny``), trained from scratch by mlx-lm's own SFT trainer
+(``mlx_lm_pref.demo.tiny``), trained from scratch by mlx-lm's own SFT trainer
 (``mlx_lm.tuner.trainer.train``, every weight trainable). Every input comes from fixed seeds,
 so a rebuild with the same mlx and BLAS gives the same weights bit for bit.
 """
@@ -22,6 +22,8 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..env import cache_root
 
 ADJECTIVES = ["red", "blue", "green", "old", "new", "small", "big", "gold"]
 ITEMS = [
@@ -190,18 +192,17 @@ WEIGHTS = "model.safetensors"
 RECIPE = "recipe.json"
 
 
-def cache_root() -> Path:
-    """``$MLX_LM_PREF_CACHE``, else ``~/.cache/mlx_lm_pref``."""
-    root = os.environ.get("MLX_LM_PREF_CACHE")
-    return Path(root) if root else Path.home() / ".cache" / "mlx_lm_pref"
-
-
 def model_dir() -> Path:
     return cache_root() / MODEL_NAME
 
 
 def is_built(path: Path) -> bool:
-    return (path / WEIGHTS).exists() and (path / RECIPE).exists()
+    """A whole model: its recipe names the sha256 of the weights file that is there."""
+    try:
+        recipe = json.loads((path / RECIPE).read_text())
+        return recipe.get("sha256") == file_sha256(path / WEIGHTS)
+    except (OSError, ValueError):
+        return False
 
 
 def tokenizer_corpus() -> list:
@@ -231,12 +232,16 @@ def ensure_model(rebuild: bool = False, blas: str = "") -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tic = time.perf_counter()
     build_into(tmp, blas)
-    if rebuild:
+    if rebuild or not is_built(dest):  # an old or half-written folder goes
         shutil.rmtree(dest, ignore_errors=True)
     try:
         tmp.rename(dest)
     except OSError:  # another process finished first: keep its model
         shutil.rmtree(tmp, ignore_errors=True)
+    if not is_built(dest):
+        raise RuntimeError(
+            f"The demo model in {dest} is incomplete; remove the folder."
+        )
     print(f"[demo] Model ready in {time.perf_counter() - tic:.1f} s: {dest}")
     return dest
 

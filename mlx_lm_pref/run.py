@@ -1,0 +1,58 @@
+"""One preference run: everything it decides and keeps, in one object.
+
+A run starts where mlx-lm's ``run`` starts for ``mlx_lm.lora`` (``patches/lora.py``), or at
+``train()`` for a script that calls the trainer itself. ``PreferenceRun`` holds the options
+as asked and, once training starts, as resolved for the model (the reference strategy, the
+prompt-sharing decision), the loss bound to them, the step-0 adapter of an
+``initial_adapter`` reference, the guard and the reporter.
+
+mlx-lm calls the patched functions of one run (``load_dataset``, ``train``, ``evaluate``,
+``evaluate_model``, ``mx.save_safetensors``) from its own code, with its own arguments: there
+is no argument through which the run could reach them. ``current_run()`` is that one place,
+a context variable set for the duration of the run (and so per thread, and gone after it).
+"""
+
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .config import PreferenceArgs
+
+
+@dataclass
+class PreferenceRun:
+    options: PreferenceArgs
+    # mlx_lm.lora: the (train, valid, test) datasets, built and checked before the model
+    # loads (bad data costs no model load).
+    splits: Optional[tuple] = None
+    # Datasets scored with training's reference besides train and valid (--test's split).
+    scored_alike: list = field(default_factory=list)
+    # Set when training starts (``start_training`` in patches/trainer.py).
+    loss: Optional[object] = None  # objective.PreferenceLoss
+    guard: Optional[object] = None  # safety.RunGuard
+    reporter: Optional[object] = None  # metrics.PreferenceReporter
+
+    @property
+    def trained(self) -> bool:
+        return self.loss is not None
+
+    @property
+    def trained_tokens(self) -> int:
+        return self.reporter.trained_tokens if self.reporter else 0
+
+
+_current: ContextVar = ContextVar("mlx_lm_pref_run", default=None)
+
+
+def current_run() -> Optional[PreferenceRun]:
+    return _current.get()
+
+
+@contextmanager
+def running(run: PreferenceRun):
+    token = _current.set(run)
+    try:
+        yield run
+    finally:
+        _current.reset(token)
