@@ -13,13 +13,15 @@ import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS_MD = HERE / "RESULTS.md"
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
+OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"  # as mlx_lm_pref.env.OPENBLAS
 
 VENV = os.environ.get("BENCH_VENV", sys.prefix)  # the product's: the one running this
 VENV_PEER = os.environ.get("BENCH_VENV_PEER", "/tmp/venv_peer")
@@ -43,6 +45,33 @@ SIZES = {
         num_key_value_heads=8,
         intermediate_size=2048,
         vocab_size=8192,
+    ),
+    # Real vocabularies (Qwen3 151,936; Gemma 3 262,144) on small real hidden sizes, with 2
+    # layers so that a step fits a 2-core CPU box: the output layer is most of the work, as
+    # it is for the small models people tune.
+    "v152k-h256": dict(
+        hidden_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=1024,
+        vocab_size=151936,
+    ),
+    "qwen3-0.6b-like": dict(  # Qwen3-0.6B's hidden size, heads and vocabulary
+        hidden_size=1024,
+        num_hidden_layers=2,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        intermediate_size=3072,
+        vocab_size=151936,
+    ),
+    "gemma3-270m-like": dict(  # Gemma-3-270M's hidden size and vocabulary (Llama blocks)
+        hidden_size=640,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        intermediate_size=2048,
+        vocab_size=262144,
     ),
 }
 # LoRA on every linear layer of every block (mlx-lm's defaults for Llama, all layers).
@@ -267,3 +296,44 @@ def env_for_mlx(threads: int = 0) -> dict:
     env.setdefault("WANDB_DISABLED", "true")
     env.setdefault("TQDM_DISABLE", "1")
     return env
+
+
+def median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def run_worker(python, script, job, timeout, threads=0, log=None):
+    """``python <script> JOB.json OUT.json`` in the benchmark environment: the worker's
+    result, or ``{"error": ...}``. Its output goes to ``log`` (appended) or this stderr.
+    """
+    if not Path(python).exists():
+        return {"error": f"{python} not found: run benchmarks/setup_peers.sh"}
+    with tempfile.TemporaryDirectory() as d:
+        job_path, out_path = Path(d) / "job.json", Path(d) / "out.json"
+        write_json(job_path, job)
+        logf = open(log, "a") if log else None
+        if logf:
+            logf.write(f"\n===== {script} {time.strftime('%H:%M:%S')}\n")
+            logf.flush()
+        try:
+            proc = subprocess.run(
+                [python, str(HERE / script), str(job_path), str(out_path)],
+                env=env_for_mlx(threads),
+                timeout=timeout,
+                stdout=logf or sys.stderr,
+                stderr=subprocess.STDOUT if logf else sys.stderr,
+            )
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+        finally:
+            if logf:
+                logf.close()
+        res = read_json(out_path) if out_path.exists() else {}
+        if rc != 0:
+            res.setdefault(
+                "error", f"{script} exited {rc}" + (f" (see {log})" if log else "")
+            )
+        return res

@@ -34,12 +34,12 @@ from bench_common import (  # noqa: E402
     QUICK_LONG_PROMPT_MIX,
     SIZES,
     describe_size,
-    env_for_mlx,
     fmt,
     machine_line,
     markdown_table,
     matplotlib_python,
-    read_json,
+    median,
+    run_worker,
     text_table,
     write_json,
     write_section,
@@ -76,32 +76,6 @@ WORKLOADS = {
     "mixed": (LENGTH_MIX, QUICK_LENGTH_MIX, METHODS),
     "long-prompt": (LONG_PROMPT_MIX, QUICK_LONG_PROMPT_MIX, LONG_PROMPT_METHODS),
 }
-
-
-def run_worker(python, script, job, timeout, threads=0):
-    with tempfile.TemporaryDirectory() as d:
-        job_path, out_path = Path(d) / "job.json", Path(d) / "out.json"
-        write_json(job_path, job)
-        proc = subprocess.run(
-            [python, str(HERE / script), str(job_path), str(out_path)],
-            env=env_for_mlx(threads),
-            timeout=timeout,
-            stdout=subprocess.PIPE,
-            stderr=sys.stderr,
-            text=True,
-        )
-        if out_path.exists():
-            return read_json(out_path)
-        return {"error": f"{script} exited {proc.returncode}: {proc.stdout[-2000:]}"}
-
-
-def median(xs):
-    xs = sorted(xs)
-    return (
-        xs[len(xs) // 2]
-        if len(xs) % 2
-        else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
-    )
 
 
 def summarize(res):

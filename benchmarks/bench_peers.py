@@ -40,12 +40,12 @@ from bench_common import (  # noqa: E402
     VENV_PEER,
     VENV_TRL,
     describe_size,
-    env_for_mlx,
     fmt,
     machine_line,
     markdown_table,
     matplotlib_python,
-    read_json,
+    median,
+    run_worker,
     text_table,
     write_json,
     write_section,
@@ -79,38 +79,6 @@ TOOLS = {
         {},
     ),
 }
-
-
-def run_worker(python, script, job, timeout, log, threads=0):
-    if not Path(python).exists():
-        return {"error": f"{python} not found: run benchmarks/setup_peers.sh"}
-    with tempfile.TemporaryDirectory() as d:
-        job_path, out_path = Path(d) / "job.json", Path(d) / "out.json"
-        write_json(job_path, job)
-        with open(log, "a") as logf:
-            logf.write(f"\n===== {script} {time.strftime('%H:%M:%S')}\n")
-            logf.flush()
-            try:
-                proc = subprocess.run(
-                    [python, str(HERE / script), str(job_path), str(out_path)],
-                    env=env_for_mlx(threads),
-                    timeout=timeout,
-                    stdout=logf,
-                    stderr=subprocess.STDOUT,
-                )
-                rc = proc.returncode
-            except subprocess.TimeoutExpired:
-                rc = "timeout"
-        res = read_json(out_path) if out_path.exists() else {}
-        if rc != 0:
-            res.setdefault("error", f"{script} exited {rc} (see {log})")
-        return res
-
-
-def median(xs):
-    xs = sorted(xs)
-    n = len(xs)
-    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
 
 
 def summarize(results):

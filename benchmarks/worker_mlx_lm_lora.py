@@ -165,7 +165,8 @@ def time_method(method, job, tmp):
     if ref is not None:
         mx.eval(ref.parameters())
     # the batch its iterator builds from these pairs (two (B, W) arrays)
-    first = next(iterate(data, B, 4096, train=False))
+    max_len = job.get("max_seq_length", 4096)
+    first = next(iterate(data, B, max_len, train=False))
     chosen, rejected = first[0], first[1]
     lengths = [len(p["chosen"]) for p in job["pairs"]] + [
         len(p["rejected"]) for p in job["pairs"]
@@ -181,7 +182,7 @@ def time_method(method, job, tmp):
         steps_per_report=1,
         steps_per_eval=10**9,
         steps_per_save=10**9,
-        max_seq_length=4096,
+        max_seq_length=max_len,
         adapter_file=str(Path(tmp) / f"{method}_adapters.safetensors"),
     )
     if hasattr(args, "beta"):

@@ -148,14 +148,19 @@ def build(method, model, tokens, spans, job):
     )
     from mlx_lm_pref.reference import InitialAdapter
 
-    # "dpo@precomputed+share": a loss_type, for DPO a reference strategy (default
-    # adapters_off), and +share for prompt sharing
-    spec, share, _ = method.partition("+share")
+    # "dpo@precomputed+share:logits": a loss_type, for DPO a reference strategy (default
+    # adapters_off), +share for prompt sharing, :logits for the whole logits (the output
+    # layer's tiles off) or :<rows> for tiles of that many vocabulary rows
+    spec, _, head = method.partition(":")
+    spec, share, _ = spec.partition("+share")
     loss_type, _, reference = spec.partition("@")
     options = PreferenceArgs(
         loss_type=loss_type,
         reference=reference or "adapters_off",
         prompt_sharing="true" if share else job.get("prompt_sharing", "false"),
+        head_chunk_size={"logits": "0", "": job.get("head_chunk_size", "auto")}.get(
+            head, head
+        ),
     )
     loss = PreferenceLoss(
         options,
@@ -164,7 +169,7 @@ def build(method, model, tokens, spans, job):
     model[METRICS_ATTRIBUTE] = mx.zeros((len(loss.metric_names),))  # as train() does
     batch = preference_batch(model, options, job)
     if options.reference == "precomputed":  # scored once, outside the timed steps
-        reference = mx.stop_gradient(sequence_logps_dpo(model, batch))
+        reference = mx.stop_gradient(sequence_logps_dpo(model, batch, options))
         batch = batch._replace(reference=reference)
     return compiled_train_step(model, opt, loss), (batch,), layout_stats(batch)
 

@@ -65,6 +65,20 @@ def _names(value) -> Tuple[str, ...]:
     return tuple(v.strip() for v in value)
 
 
+def _chunk_size(value) -> str:
+    """``auto`` or a whole number >= 0 (0: off), as text."""
+    text = str(value).strip().lower()
+    if text == "auto":
+        return text
+    if text.isdigit() and not isinstance(value, (bool, float)):
+        if int(text) == 0 or int(text) >= 64:
+            return str(int(text))
+    raise ConfigError(
+        f"head_chunk_size must be auto, 0 (off) or a whole number of vocabulary rows "
+        f">= 64, got {value!r}."
+    )
+
+
 def _unknown(name, value, choices) -> ConfigError:
     guess = close_match(value, choices)
     hint = f" Did you mean {guess!r}?" if guess else ""
@@ -234,9 +248,21 @@ class PreferenceArgs:
         },
     )
 
+    head_chunk_size: str = field(
+        default="auto",
+        metadata={
+            "help": "Run the output layer in tiles of this many vocabulary rows, so the "
+            "(rows, tokens, vocabulary) logits never exist whole: a fraction of the memory "
+            "on a real vocabulary, the same numbers. auto: tiles sized from the batch when "
+            "the vocabulary has 4096 entries or more and the model's output layer is a plain "
+            "one (checked when training starts); 0: the whole logits."
+        },
+    )
+
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
         set_("loss_type", _names(self.loss_type))
+        set_("head_chunk_size", _chunk_size(self.head_chunk_size))
         if isinstance(self.prompt_sharing, bool):  # YAML true/false
             set_("prompt_sharing", str(self.prompt_sharing).lower())
         if self.loss_weights is not None:

@@ -5,7 +5,23 @@ the model reads ``inputs = x[:, :-1]`` and predicts ``targets = x[:, 1:]``, so t
 ``j`` is token ``j + 1``. A span ``[start, end)`` is given in token indices.
 """
 
+from typing import NamedTuple, Optional
+
 import mlx.core as mx
+
+
+class TokenStats(NamedTuple):
+    """Per position, float32: ``logps`` log pi(target | prefix), with a gradient; the others,
+    metrics without one, only when asked for (``WANTS``)."""
+
+    logps: mx.array
+    entropy: Optional[mx.array] = None
+    top1: Optional[mx.array] = None  # 1.0 where the target is the argmax
+    vocab_mean: Optional[mx.array] = None
+    log_sum_sq: Optional[mx.array] = None  # log sum_v p_v^2 (WPO)
+
+
+WANTS = frozenset({"entropy", "top1", "vocab_mean", "log_sum_sq"})
 
 
 def fused_cross_entropy() -> bool:
@@ -47,6 +63,27 @@ def token_entropy(logits: mx.array, lse: mx.array) -> mx.array:
     """
     logits = logits.astype(mx.float32)
     return lse - (mx.exp(logits - lse[..., None]) * logits).sum(axis=-1)
+
+
+def logits_token_stats(logits, targets, want=frozenset(), grad=True) -> TokenStats:
+    """``TokenStats`` from the whole logits (N, T, V) (see ``head`` for the tiled way)."""
+    if not grad:
+        logits = mx.stop_gradient(logits)
+    lse = None
+    if want & {"entropy", "log_sum_sq"}:  # reused by both: one full-vocabulary pass
+        lse = mx.logsumexp(logits.astype(mx.float32), axis=-1)
+    stats = {"logps": token_logps(logits, targets, lse)}
+    metrics = mx.stop_gradient(logits)
+    if "entropy" in want:
+        stats["entropy"] = token_entropy(metrics, mx.stop_gradient(lse))
+    if "top1" in want:
+        stats["top1"] = (mx.argmax(metrics, axis=-1) == targets).astype(mx.float32)
+    if "vocab_mean" in want:
+        stats["vocab_mean"] = metrics.astype(mx.float32).mean(axis=-1)
+    if "log_sum_sq" in want:
+        double = mx.logsumexp(2 * metrics.astype(mx.float32), axis=-1)
+        stats["log_sum_sq"] = double - 2 * mx.stop_gradient(lse)
+    return TokenStats(**stats)
 
 
 def span_mask(spans: mx.array, num_targets: int) -> mx.array:

@@ -15,13 +15,15 @@ per-run state on the model; everything else lives in ``run.PreferenceRun``.
 """
 
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple, Optional
 
 import mlx.core as mx
 
 from .batching import PreferenceBatch
 from .config import ConfigError, PreferenceArgs
-from .logps import sequence_logps, span_mask, token_entropy, token_logps
+from .head import Head, head_for, hidden_states, tiled_token_stats, vocab_mean
+from .logps import TokenStats, logits_token_stats, sequence_logps, span_mask
 from .losses import (
     DPOTerms,
     alphapo_rewards,
@@ -64,17 +66,45 @@ def metric_names(options: PreferenceArgs) -> tuple:
 class Forward(NamedTuple):
     """One forward pass over a preference batch, in either layout (see ``batching``).
 
-    ``logits`` (2B, T, V) and ``targets`` (2B, T) cover the rows the spans count in: whole
-    rows, or in the shared layout the continuations. The shared layout adds each pair's
-    prompt once: ``prompt_logits`` (B, Tp, V), ``prompt_targets`` (B, Tp), and
-    ``prompt_lengths`` (B,) real positions; the concatenated layout leaves them None.
+    ``rows`` cover the rows the spans count in (whole rows, or in the shared layout the
+    continuations) with ``targets`` (2B, T): the hidden states (2B, T, H) when ``head`` is
+    set (the output layer then runs in tiles, ``head``), else the logits (2B, T, V). The
+    shared layout adds each pair's prompt once: ``prompt`` (B, Tp, H or V),
+    ``prompt_targets`` (B, Tp) and ``prompt_lengths`` (B,) real positions; the
+    concatenated layout leaves them None.
     """
 
-    logits: mx.array
+    rows: mx.array
     targets: mx.array
-    prompt_logits: Optional[mx.array] = None
+    head: Optional[Head] = None
+    tile: Optional[int] = None
+    prompt: Optional[mx.array] = None
     prompt_targets: Optional[mx.array] = None
     prompt_lengths: Optional[mx.array] = None
+
+    def _stats(self, x, targets, want, grad, after=None) -> TokenStats:
+        if self.head is None:
+            return logits_token_stats(x, targets, want, grad)
+        return tiled_token_stats(x, targets, self.head, want, grad, self.tile, after)
+
+    def stats(self, want=frozenset(), grad=True, after=None) -> TokenStats:
+        """The rows' ``TokenStats`` (2B, T); with tiles, computed ``after`` those arrays."""
+        return self._stats(self.rows, self.targets, want, grad, after)
+
+    def prompt_stats(self, want=frozenset(), grad=True) -> Optional[TokenStats]:
+        """The shared prompt's ``TokenStats`` (B, Tp), None in the concatenated layout."""
+        if self.prompt is None:
+            return None
+        return self._stats(self.prompt, self.prompt_targets, want, grad)
+
+    def prompt_vocab_mean(self) -> Optional[mx.array]:
+        """The shared prompt's vocab-mean logits (B, Tp), without a gradient; None in the
+        concatenated layout. With tiles, h . mean(W): no tile at all."""
+        if self.prompt is None:
+            return None
+        if self.head is None:
+            return mx.stop_gradient(self.prompt).astype(mx.float32).mean(axis=-1)
+        return vocab_mean(mx.stop_gradient(self.prompt), self.head)
 
     def prompt_mask(self):
         """(B, Tp) bool, the real prompt positions; their targets are the tokens 1..P that
@@ -83,16 +113,22 @@ class Forward(NamedTuple):
         return columns < self.prompt_lengths[:, None]
 
 
-def run_model(model, batch: PreferenceBatch) -> Forward:
+def run_model(model, batch: PreferenceBatch, options: PreferenceArgs) -> Forward:
+    """The forward pass of ``batch``; with ``options.head_chunk_size`` resolved to tiles,
+    up to the hidden states (the objectives run the output layer)."""
+    head, tile = head_for(model, options.head_chunk_size)
+    body = model if head is None else partial(hidden_states, model)
     if not batch.shared:
-        return Forward(model(batch.tokens[:, :-1]), batch.tokens[:, 1:])
+        return Forward(body(batch.tokens[:, :-1]), batch.tokens[:, 1:], head, tile)
     if checkpointed(model):
         raise ConfigError(f"prompt_sharing: {CHECKPOINTING}. Set prompt_sharing false.")
     prompts, lengths, rows = batch.tokens
-    prompt_logits, logits = shared_forward(
-        model, prompts[:, :-1], lengths, rows[:, :-1]
+    prompt, continuations = shared_forward(
+        body, model.layers, prompts[:, :-1], lengths, rows[:, :-1]
     )
-    return Forward(logits, rows[:, 1:], prompt_logits, prompts[:, 1:], lengths)
+    return Forward(
+        continuations, rows[:, 1:], head, tile, prompt, prompts[:, 1:], lengths
+    )
 
 
 def _sum_count(values, mask):
@@ -124,18 +160,10 @@ def _reward_metrics(
     ]
 
 
-def _vocab_mean(logits):
-    return mx.stop_gradient(logits).astype(mx.float32).mean(axis=-1)
-
-
-def _mean_logits(f: Forward, mask, B, with_prompt=False):
+def _mean_logits(vocab_mean, mask, B, prompt=None):
     """logits/chosen and logits/rejected: the vocab-mean logit averaged over ``mask``, and
-    with ``with_prompt`` over the prompt positions of the shared layout too (which both
-    rows of a pair have)."""
-    vocab_mean = _vocab_mean(f.logits)
-    prompt = None
-    if with_prompt and f.prompt_logits is not None:
-        prompt = (_vocab_mean(f.prompt_logits), f.prompt_mask())
+    over the prompt positions of the shared layout too when given as ``(vocab_mean,
+    mask)`` (both rows of a pair have them)."""
     return [
         _masked_mean(vocab_mean[:B], mask[:B], prompt),
         _masked_mean(vocab_mean[B:], mask[B:], prompt),
@@ -157,17 +185,17 @@ def _dpo_logps(logps, completion, ld_alpha):
     return (logps * head).sum(axis=-1) + ld_alpha * (logps * tail).sum(axis=-1)
 
 
-def sequence_logps_dpo(model, batch: PreferenceBatch, ld_alpha=None):
+def sequence_logps_dpo(model, batch: PreferenceBatch, options: PreferenceArgs):
     """(2B,) summed (LD-weighted) completion log-probs of ``model`` as it is, gradient-free:
     what a live reference computes, for precomputing it."""
-    f = run_model(model, batch)
+    f = run_model(model, batch, options)
     completion = span_mask(batch.spans, f.targets.shape[1])
-    logps = token_logps(mx.stop_gradient(f.logits), f.targets)
-    return _dpo_logps(logps, completion, ld_alpha)
+    return _dpo_logps(f.stats(grad=False).logps, completion, options.ld_alpha)
 
 
-def _reference_logps(model, batch, completion, o: PreferenceArgs, initial):
-    """Per-sequence reference log-probs, gradient-free, from the same model."""
+def _reference_logps(model, batch, completion, o: PreferenceArgs, initial, after):
+    """Per-sequence reference log-probs, gradient-free, from the same model (with tiles,
+    the reference's after the policy's: ``after``)."""
     if o.reference == "precomputed":
         if batch.reference is None:
             raise ConfigError(
@@ -178,17 +206,14 @@ def _reference_logps(model, batch, completion, o: PreferenceArgs, initial):
     if o.reference == "none":
         return mx.zeros((completion.shape[0],))
     with reference_context(model, o.reference, initial):
-        f = run_model(model, batch)
-    ref_logps = token_logps(mx.stop_gradient(f.logits), f.targets)
+        ref_logps = run_model(model, batch, o).stats(grad=False, after=after).logps
     return mx.stop_gradient(_dpo_logps(ref_logps, completion, o.ld_alpha))
 
 
-def _wpo_weights(logits, lse, logps, completion, B):
+def _wpo_weights(stats: TokenStats, completion, B):
     """WPO, Zhou et al. 2024, eq. 2: exp of the mean aligned log-prob, chosen x rejected."""
-    logits = mx.stop_gradient(logits.astype(mx.float32))
-    lse = mx.stop_gradient(lse)
-    log_sum_sq = mx.logsumexp(2 * logits, axis=-1) - 2 * lse
-    aligned, count = sequence_logps(mx.stop_gradient(logps) - log_sum_sq, completion)
+    aligned = mx.stop_gradient(stats.logps) - stats.log_sum_sq
+    aligned, count = sequence_logps(aligned, completion)
     weights = mx.exp(aligned / mx.maximum(count, 1.0))
     return weights[:B] * weights[B:]
 
@@ -204,12 +229,15 @@ def dpo_objective(model, batch, o: PreferenceArgs, initial=None):
             "loss_type aot/aot_unpaired sorts log-ratios across the pairs of a batch, and "
             "this batch holds 1 pair (per rank): use batch_size >= 2 pairs per rank."
         )
-    f = run_model(model, batch)
+    f = run_model(model, batch, o)
     completion = span_mask(batch.spans, f.targets.shape[1])
-    lse = mx.logsumexp(f.logits.astype(mx.float32), axis=-1)
-    logps = token_logps(f.logits, f.targets, lse)
+    want = {"entropy", "top1", "vocab_mean"} | (
+        {"log_sum_sq"} if o.use_weighting else set()
+    )
+    stats = f.stats(frozenset(want))
+    logps = stats.logps
     policy = _dpo_logps(logps, completion, o.ld_alpha)
-    ref = _reference_logps(model, batch, completion, o, initial)
+    ref = _reference_logps(model, batch, completion, o, initial, after=[logps])
     lengths = completion.sum(axis=-1).astype(mx.float32)
     scores = f_divergence_scores(
         policy - ref, o.f_divergence_type, o.f_alpha_divergence_coef
@@ -225,9 +253,7 @@ def dpo_objective(model, batch, o: PreferenceArgs, initial=None):
         rejected_lengths=lengths[B:],
         sft_nll=-_masked_mean(logps[:B], completion[:B]),
     )
-    pair_weights = (
-        _wpo_weights(f.logits, lse, logps, completion, B) if o.use_weighting else None
-    )
+    pair_weights = _wpo_weights(stats, completion, B) if o.use_weighting else None
     loss = dpo_loss(
         terms,
         o.loss_type,
@@ -243,18 +269,12 @@ def dpo_objective(model, batch, o: PreferenceArgs, initial=None):
     metrics = _reward_metrics(
         loss, chosen_rewards, rejected_rewards, policy[:B], policy[B:]
     )
-    metrics += _mean_logits(f, completion, B)
-    metrics += _dpo_token_metrics(f, lse, completion, B)
+    metrics += _mean_logits(stats.vocab_mean, completion, B)
+    # entropy over every completion token, the argmax accuracy on chosen ones
+    metrics += [_masked_mean(stats.entropy, completion)]
+    metrics += [_masked_mean(stats.top1[:B], completion[:B])]
     metrics += [batch.num_tokens().astype(mx.float32)]
     return loss, metrics
-
-
-def _dpo_token_metrics(f: Forward, lse, completion, B):
-    """entropy over every completion token, and the argmax accuracy on chosen ones."""
-    logits = mx.stop_gradient(f.logits)
-    entropy = token_entropy(logits, mx.stop_gradient(lse))
-    top1 = (mx.argmax(logits[:B], axis=-1) == f.targets[:B]).astype(mx.float32)
-    return [_masked_mean(entropy, completion), _masked_mean(top1, completion[:B])]
 
 
 def _whole_sequence(spans, num_targets, B):
@@ -264,30 +284,35 @@ def _whole_sequence(spans, num_targets, B):
     )
 
 
-def _prompt_logps(f: Forward):
-    """The shared prompt's (token log-probs, mask), or None in the concatenated layout."""
-    if f.prompt_logits is None:
-        return None
-    return token_logps(f.prompt_logits, f.prompt_targets), f.prompt_mask()
+def _prompt_parts(f: Forward, want):
+    """The shared prompt's ``TokenStats`` and mask, or (None, None) in the concatenated
+    layout."""
+    stats = f.prompt_stats(frozenset(want))
+    return (None, None) if stats is None else (stats, f.prompt_mask())
 
 
 def orpo_objective(model, batch, o: PreferenceArgs, initial=None):
     """ORPO as TRL: NLL over the whole chosen sequence (prompt included, pads excluded) plus
     the odds-ratio term on mean completion log-probs."""
     B, spans = batch.pairs, batch.spans
-    f = run_model(model, batch)
+    f = run_model(model, batch, o)
     completion = span_mask(spans, f.targets.shape[1])
-    logps = token_logps(f.logits, f.targets)
+    stats = f.stats(frozenset({"vocab_mean"}))
+    prompt, prompt_mask = _prompt_parts(f, {"vocab_mean"})
+    logps = stats.logps
     sums, counts = sequence_logps(logps, completion)
     means = sums / mx.maximum(counts, 1.0)
     whole = _whole_sequence(spans, f.targets.shape[1], B)
-    nll = -_masked_mean(logps[:B], whole, _prompt_logps(f))
+    prompt_nll = None if prompt is None else (prompt.logps, prompt_mask)
+    nll = -_masked_mean(logps[:B], whole, prompt_nll)
     or_losses, log_odds = orpo_odds_ratio(means[:B], means[B:], o.beta)
     loss = nll + or_losses.mean()
     metrics = _reward_metrics(
         loss, o.beta * means[:B], o.beta * means[B:], means[:B], means[B:]
     )
-    metrics += _mean_logits(f, _real_positions(spans, f.targets), B, with_prompt=True)
+    prompt_means = None if prompt is None else (prompt.vocab_mean, prompt_mask)
+    real = _real_positions(spans, f.targets)
+    metrics += _mean_logits(stats.vocab_mean, real, B, prompt_means)
     metrics += [nll, log_sigmoid(log_odds).mean(), log_odds.mean()]
     return loss, metrics
 
@@ -301,9 +326,10 @@ def cpo_objective(model, batch, o: PreferenceArgs, initial=None):
     """CPO / SimPO / AlphaPO as TRL's CPOTrainer: reference-free, plus cpo_alpha x NLL on
     the chosen completions."""
     B, spans = batch.pairs, batch.spans
-    f = run_model(model, batch)
+    f = run_model(model, batch, o)
     completion = span_mask(spans, f.targets.shape[1])
-    logps = token_logps(f.logits, f.targets)
+    stats = f.stats(frozenset({"vocab_mean"}))
+    logps = stats.logps
     sums, counts = sequence_logps(logps, completion)
     if o.cpo_loss_type in ("ipo", "simpo"):  # length-normalised (SimPO's eq. 4)
         sums = sums / mx.maximum(counts, 1.0)
@@ -317,7 +343,10 @@ def cpo_objective(model, batch, o: PreferenceArgs, initial=None):
     metrics = _reward_metrics(
         loss, o.beta * chosen, o.beta * rejected, sums[:B], sums[B:]
     )
-    metrics += _mean_logits(f, _real_positions(spans, f.targets), B, with_prompt=True)
+    prompt = f.prompt_vocab_mean()  # CPO reads no prompt log-prob
+    prompt_means = None if prompt is None else (prompt, f.prompt_mask())
+    real = _real_positions(spans, f.targets)
+    metrics += _mean_logits(stats.vocab_mean, real, B, prompt_means)
     metrics += [nll]
     return loss, metrics
 

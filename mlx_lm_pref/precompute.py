@@ -99,7 +99,7 @@ def _score(model, pairs, options, batch_size, max_seq_length) -> np.ndarray:
         desc = f"Reference log-probs {pairs.source}"
         quiet = not is_main_rank()  # every rank scores; one bar
         for (batch,) in tqdm(batches, total=total, desc=desc, disable=quiet):
-            logps = sequence_logps_dpo(model, batch, options.ld_alpha)
+            logps = sequence_logps_dpo(model, batch, options)
             b = batch.pairs
             values.append(np.stack([np.array(logps[:b]), np.array(logps[b:])], axis=1))
     finally:

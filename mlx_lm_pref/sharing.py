@@ -78,23 +78,27 @@ class PromptCache:
         return valid[:, None]  # (2B, 1, N, P + N)
 
 
-def shared_forward(model, prompts, prompt_lengths, continuations):
-    """Logits of a pair batch in the shared layout.
+def shared_forward(forward, layers, prompts, prompt_lengths, continuations):
+    """Outputs of ``forward(inputs, cache)`` (the model, or its hidden states) for a pair
+    batch in the shared layout.
 
     Args:
+        forward: the model, or ``partial(head.hidden_states, model)``.
+        layers: the model's layers (one cache each).
         prompts: (B, P) int, each pair's shared input tokens, right-padded.
         prompt_lengths: (B,) int, the real length of each prompt row.
         continuations: (2B, C) int, chosen rows then rejected rows: the tokens that follow
             the pair's shared inputs, right-padded.
 
     Returns:
-        ``(prompt_logits (B, P, V), logits (2B, C, V))``: what the concatenated forward
-        computes at those positions of the whole rows. Unused prompt logits cost nothing:
-        the graph is lazy, so the output layer never runs on the prompt unless they are read.
+        ``(prompt outputs (B, P, ...), outputs (2B, C, ...))``: what the concatenated
+        forward computes at those positions of the whole rows. Unused prompt outputs cost
+        nothing: the graph is lazy, so the output layer never runs on the prompt unless they
+        are read.
     """
-    cache = [PromptCache(prompt_lengths) for _ in model.layers]
-    prompt_logits = model(prompts, cache=cache)
-    return prompt_logits, model(continuations, cache=cache)
+    cache = [PromptCache(prompt_lengths) for _ in layers]
+    prompt_outputs = forward(prompts, cache)
+    return prompt_outputs, forward(continuations, cache)
 
 
 def _probe(model, vocab_size):
@@ -114,7 +118,7 @@ def _probe(model, vocab_size):
     pad = lambda seqs: mx.array([s + [0] * (10 - len(s)) for s in seqs])  # noqa: E731
     whole = model(pad(rows))
     prompt_logits, logits = shared_forward(
-        model, pad(prompts), mx.array(lengths), pad(continuations)
+        model, model.layers, pad(prompts), mx.array(lengths), pad(continuations)
     )
     error = 0.0
     for k, c in enumerate(continuations):

@@ -25,6 +25,7 @@ from mlx_lm_pref.batching import (
 from mlx_lm_pref.config import ConfigError
 from mlx_lm_pref.console import is_main_rank, log
 from mlx_lm_pref.evaluation import evaluate_preference
+from mlx_lm_pref.head import head_for, resolve_head_chunks
 from mlx_lm_pref.metrics import METRICS_FILE, PreferenceReporter
 from mlx_lm_pref.objective import METRICS_ATTRIBUTE, PreferenceLoss, metric_names
 from mlx_lm_pref.precompute import model_fingerprint, precompute_reference
@@ -132,6 +133,13 @@ def start_training(run: PreferenceRun, a: dict) -> None:
     options = resolve_prompt_sharing(model, run.options, training_args.grad_checkpoint)
     if options.prompt_sharing != "false":
         log(f"prompt sharing: {SHARING_NAMES[options.prompt_sharing]}")
+    options = resolve_head_chunks(model, options)
+    head, tile = head_for(model, options.head_chunk_size)
+    if head is not None:
+        rows = f"{tile} rows" if tile else "rows sized to each batch"
+        log(
+            f"output layer in tiles of {rows} (vocabulary {head.vocab:,}): no whole logits"
+        )
     initial = None
     if options.needs_reference:
         options = options.replace(reference=resolve_reference(model, options.reference))
@@ -201,7 +209,7 @@ def evaluate(wrapped, instance, args, kwargs):
             loss = run.loss
         else:  # a script's own evaluate call: the dataset's options, for this model
             options = resolve_prompt_sharing(a["model"], pairs.options)
-            loss = PreferenceLoss(options)
+            loss = PreferenceLoss(resolve_head_chunks(a["model"], options))
     if not isinstance(loss, PreferenceLoss):
         # A caller's own loss gets mlx-lm's own evaluation of it, on the pairs in file
         # order (whole rows: the caller's loss knows nothing of the shared layout).

@@ -173,9 +173,18 @@ def whole_rows(batch):
     return out, spans + P[:, None]
 
 
-def tiny_lora_model(seed=0, nonzero_adapter=True):
+# The tiled output layer: a vocabulary of several tiles of 64 rows, the last one partial.
+TILED = dict(vocab=1000, head_chunk_size="64")
+
+
+def tiny_lora_model(seed=0, nonzero_adapter=True, vocab_size=None, **config):
     mx.random.seed(seed)
-    model = llama.Model(llama.ModelArgs(**TINY_LLAMA))
+    config = {
+        **TINY_LLAMA,
+        **({"vocab_size": vocab_size} if vocab_size else {}),
+        **config,
+    }
+    model = llama.Model(llama.ModelArgs(**config))
     model.freeze()
     linear_to_lora_layers(model, 2, {"rank": 4, "dropout": 0.0, "scale": 2.0})
     if nonzero_adapter:  # a trained-looking adapter, so policy != reference

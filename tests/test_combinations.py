@@ -5,7 +5,8 @@ A case either trains and meets its equivalence, or is refused with one line and 
 before the model loads. The equivalences: each case runs again as its *twin*, the same run
 with every option that claims not to change the numbers put back to its plain value
 (prompt sharing off, a live reference instead of a precomputed one, no gradient
-checkpointing, one batch of 2B pairs instead of two accumulated batches of B), and the two
+checkpointing, one batch of 2B pairs instead of two accumulated batches of B, the whole
+logits instead of the output layer in tiles), and the two
 must agree within float32 noise (``TOLERANCE``). A few cases also run on 2 ranks
 (``mlx.launch``, ring backend, loopback) against their one-process run.
 
@@ -50,6 +51,7 @@ FACTORS = {
     "checkpoint": [False, True],
     "accumulate": [1, 2],
     "test": [False, True],
+    "head": ["auto", "0", "64"],  # head_chunk_size (the tiny model's vocabulary: 300)
 }
 # What the product refuses, one pair of values each, and the line that says so.
 REFUSED = [
@@ -148,11 +150,15 @@ PAIR_MEAN_LOSSES = ("sigmoid", "ipo")  # no token mean: accumulation is exact
 
 def twin_of(case) -> dict:
     """The same run with every number-preserving option at its plain value (auto keeps
-    short prompts unshared: nothing to put back there). Two accumulated batches of B
+    short prompts unshared: nothing to put back there; the output layer whole). Two accumulated batches of B
     pairs equal one of 2B for a mean over pairs; a token mean (ORPO's and CPO's NLL, the
     sft term) weighs the two batches' tokens otherwise (``test_scale`` checks those on
     data of equal lengths)."""
     twin = dict(case, checkpoint=False)
+    if (
+        case["head"] == "64"
+    ):  # auto: the whole logits already, on a 300-entry vocabulary
+        twin["head"] = "0"
     if case["sharing"] == "true" or case["prompts"] == "long":
         twin["sharing"] = "false"
     if case["accumulate"] == 2 and case["loss"] in PAIR_MEAN_LOSSES:
@@ -198,6 +204,7 @@ def command(case, root) -> list:
     args += ["--val-batches", -1, "--num-layers", 2, "--seed", 0, "--save-every", 100]
     args += ["--optimizer", "sgd", "--learning-rate", 0.05, "--max-seq-length", 512]
     args += ["--prompt-sharing", case["sharing"], "--fine-tune-type", case["fine_tune"]]
+    args += ["--head-chunk-size", case["head"]]
     if loss == "cpo_hinge":
         args += ["--loss-type", "cpo", "--cpo-loss-type", "hinge"]
     else:
@@ -345,7 +352,7 @@ def distributed_cases():
 
 PLAIN = dict(loss="sigmoid", reference="auto", sharing="auto", prompts="short")
 PLAIN |= dict(fine_tune="lora", source="local", rows="standard", checkpoint=False)
-PLAIN |= dict(accumulate=1, test=False)
+PLAIN |= dict(accumulate=1, test=False, head="auto")
 
 
 def refused_case(bad):

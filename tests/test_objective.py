@@ -8,7 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from helpers import random_batch, shared_layout, tiny_lora_model
+from helpers import TILED, random_batch, shared_layout, tiny_lora_model
 from mlx.utils import tree_flatten
 
 import mlx_lm_pref  # noqa: F401
@@ -228,14 +228,20 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("head", ["logits", "tiles"])
 @pytest.mark.parametrize("layout", ["rows", "shared"])
 @pytest.mark.parametrize(
     "case", CASES, ids=lambda c: "-".join(f"{v}" for v in c.values())
 )
-def test_matches_numpy(case, layout):
+def test_matches_numpy(case, layout, head):
     """Every metric of every objective, in both batch layouts (whole rows; each prompt
-    once with prompt sharing), against float64 numpy on the whole rows."""
-    model = tiny_lora_model()
+    once with prompt sharing) and both ways of running the output layer (the whole logits;
+    tiles of vocabulary rows), against float64 numpy on the whole rows' logits."""
+    if head == "tiles":
+        model = tiny_lora_model(vocab_size=TILED["vocab"])
+        case = {**case, "head_chunk_size": TILED["head_chunk_size"]}
+    else:
+        model = tiny_lora_model()
     rows = random_batch()
     tokens, spans = rows.tokens, rows.spans
     options = PreferenceArgs(**case)

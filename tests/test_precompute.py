@@ -118,5 +118,5 @@ def test_full_fine_tuning_uses_a_precomputed_reference(tiny_model, tmp_path, cac
     cached = np.array(mx.load(str(cache / f"{key}.safetensors"))["reference"])
     for i in range(0, 8, 2):
         batch = PreferenceBatch(*collate([pairs[i], pairs[i + 1]], 2048))
-        ours = np.array(sequence_logps_dpo(frozen, batch))
+        ours = np.array(sequence_logps_dpo(frozen, batch, PreferenceArgs("dpo")))
         np.testing.assert_allclose(cached[i : i + 2].T.reshape(-1), ours, atol=1e-5)

@@ -344,6 +344,32 @@ CASES = [
         flags=["--prompt-sharing", "true"],
         tag="boundary-shared",
     ),
+    # The output layer in tiles of 64 vocabulary rows (the models' 300: five tiles, the last
+    # partial), whole rows and with each prompt once: the same numbers as TRL's.
+    *[
+        Case(
+            method,
+            fmt,
+            "explicit",
+            "bos",
+            flags=["--head-chunk-size", "64", *sharing],
+            tag="tiles" + ("-shared" if sharing else ""),
+        )
+        for method in ("dpo", "orpo", "cpo")
+        for fmt in ("standard", "conversational")
+        for sharing in ((), ("--prompt-sharing", "true"))
+    ],
+    Case(
+        "dpo",
+        "standard",
+        "explicit",
+        "bos",
+        n_rows=LOSS_ROWS,
+        variant="use_weighting",
+        flags=["--use-weighting", "--head-chunk-size", "64"],
+        trl={"use_weighting": True},
+        tag="tiles",
+    ),
     # The long tail of loss types and options: one standard and one conversational set each.
     *[
         Case(
@@ -715,9 +741,10 @@ GRAD_CASES = [
 ]
 
 
-def _our_first_batch_grads(model_path, adapter_dir, case, prompt_sharing):
+def _our_first_batch_grads(model_path, adapter_dir, case, prompt_sharing, chunks="0"):
     """d loss / d LoRA weights of ``preference_loss`` on our first evaluation batch, laid
-    out with ``prompt_sharing`` (true: each prompt once; false: whole rows)."""
+    out with ``prompt_sharing`` (true: each prompt once; false: whole rows), the output
+    layer in tiles of ``chunks`` rows (0: the whole logits)."""
     import mlx.core as mx
     import mlx.nn as nn
     from mlx.utils import tree_flatten
@@ -732,7 +759,7 @@ def _our_first_batch_grads(model_path, adapter_dir, case, prompt_sharing):
     model.freeze()  # as mlx_lm.lora: only the adapter trains
     model.unfreeze(keys=["lora_a", "lora_b"], strict=False)
     options, max_length = _our_options(case)
-    options = options.replace(prompt_sharing=prompt_sharing)
+    options = options.replace(prompt_sharing=prompt_sharing, head_chunk_size=chunks)
     assert resolve_prompt_sharing(model, options) == options
     dataset = PreferenceDataset(case.rows(), tokenizer, options)
     (batch,) = next(
@@ -755,7 +782,8 @@ def _our_first_batch_grads(model_path, adapter_dir, case, prompt_sharing):
 def test_gradient_direction_matches_trl(case, models):
     """The first training step moves the adapter the same way: the LoRA gradient of our
     loss and of TRL's ``compute_loss`` on the same first batch have cosine > 0.999 (and
-    norms within 0.1%), with whole rows and with each prompt run once."""
+    norms within 0.1%), with whole rows and with each prompt run once, the output layer
+    whole and in tiles of 64 vocabulary rows."""
     model, mlx_dir, peft_dir = models[case.tok]
     trainer = R.make_trainer(
         case.method,
@@ -769,8 +797,10 @@ def test_gradient_direction_matches_trl(case, models):
     )
     theirs = R.trl_first_batch_grads(trainer)
     for sharing in ("false", "true"):
-        _, ours = _our_first_batch_grads(model, mlx_dir, case, sharing)
-        _assert_same_gradient(ours, theirs, f"{case.id} prompt_sharing {sharing}")
+        for chunks in ("0", "64"):
+            _, ours = _our_first_batch_grads(model, mlx_dir, case, sharing, chunks)
+            label = f"{case.id} prompt_sharing {sharing} head_chunk_size {chunks}"
+            _assert_same_gradient(ours, theirs, label)
 
 
 def _assert_same_gradient(ours, theirs, label):

@@ -1,0 +1,317 @@
+"""The output layer in tiles: token log-probs and TRL's token metrics without the logits.
+
+A preference step needs, per position, the log-prob of its target and a few summaries of the
+next-token distribution: the entropy, the vocab-mean logit, whether the target is the argmax
+and, for WPO, log sum p^2. With a real vocabulary (128k-262k entries) the (rows, positions,
+vocabulary) logits, cast to float32 and exponentiated, are most of a step's memory. Here the
+output layer runs over tiles of vocabulary rows instead, each reduced at once into running
+per-position sums (an online log-sum-exp, Milakov & Gimelshein 2018), and the tiles are
+chained (``mx.depends``) so that one is reduced before the next is computed: no array wider
+than a tile ever exists.
+
+Gradient: d lse / d h = softmax(z) @ W, which the forward pass accumulates tile by tile (q);
+the custom VJP is g * q, so the backward pass recomputes no tile (as Liger-Kernel takes its
+gradients in the forward pass; TRL 1.16's ``_ChunkedLogProbFunction`` recomputes them). The
+target's logit is a gathered dot product, differentiated as usual. The output layer's own
+weight gets no gradient: mlx-lm never trains it (LoRA leaves it alone, full fine-tuning
+unfreezes the transformer blocks), and a model whose output layer trains keeps the whole
+logits (``chunkable``).
+
+Precision: within a tile, sums go through blocks of 64 entries. One float32 reduction over a
+262k-wide axis is off by ~1e-4 per token on mlx's CPU backend (sequential summation); tiles
+of blocks are off by ~1e-6 (measured against float64, see tests/test_head.py).
+"""
+
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import ConfigError
+from .console import log
+from .logps import TokenStats, logits_token_stats
+
+F32 = mx.float32
+BLOCK = 64
+# One tile holds at most this many float32 logits (rows x vocabulary entries): 16 MiB.
+TILE_ELEMENTS = 1 << 22
+MIN_TILE, MAX_TILE = 1024, 16384
+# Below this vocabulary the whole logits are as fast (measured: tiles 0-9% faster from 4096
+# entries on, up to 20% slower on 512; benchmarks/RESULTS.md): no tiles.
+MIN_VOCABULARY = 4096
+
+
+class Head:
+    """The output layer's weights: logits = x @ W.T (+ b), W of shape (V, H), plain or
+    quantized (mlx's ``quantized_matmul`` on slices of rows)."""
+
+    def __init__(self, layer):
+        self.layer = layer
+        self.quantized = isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+        self.bias = layer.get("bias") if isinstance(layer, nn.Linear) else None
+        self.vocab = layer["weight"].shape[0]
+
+    @property
+    def trains(self) -> bool:
+        """Whether the layer has trainable parameters (the tiles give h its gradient, not
+        the layer: see ``tiled_token_stats``)."""
+        return bool(tree_flatten(self.layer.trainable_parameters()))
+
+    def _q(self):
+        layer = self.layer
+        extra = {"mode": layer.mode} if hasattr(layer, "mode") else {}
+        return dict(group_size=layer.group_size, bits=layer.bits, **extra)
+
+    def logits(self, x, start=0, stop=None):
+        """(N, stop - start) float32 logits of vocabulary rows [start, stop)."""
+        w = self.layer["weight"][start:stop]
+        if self.quantized:
+            biases = self.layer.get("biases")
+            z = mx.quantized_matmul(
+                x,
+                w,
+                scales=self.layer["scales"][start:stop],
+                biases=None if biases is None else biases[start:stop],
+                transpose=True,
+                **self._q(),
+            )
+        else:
+            z = x @ w.T
+        if self.bias is not None:
+            z = z + self.bias[start:stop]
+        return z.astype(F32)
+
+    def rows(self, ids):
+        """(N, H) float32 weight rows of ``ids`` and (N,) their bias (or 0)."""
+        w = self.layer["weight"][ids]
+        if self.quantized:
+            biases = self.layer.get("biases")
+            w = mx.dequantize(
+                w,
+                scales=self.layer["scales"][ids],
+                biases=None if biases is None else biases[ids],
+                **self._q(),
+            )
+        bias = self.bias[ids].astype(F32) if self.bias is not None else 0.0
+        return w.astype(F32), bias
+
+    def transposed(self, g, start, stop):
+        """g @ W[start:stop] in float32: (N, stop - start) -> (N, H)."""
+        w = self.layer["weight"][start:stop]
+        if self.quantized:
+            biases = self.layer.get("biases")
+            w = mx.dequantize(
+                w,
+                scales=self.layer["scales"][start:stop],
+                biases=None if biases is None else biases[start:stop],
+                **self._q(),
+            )
+        return g @ w.astype(F32)
+
+
+def output_layer(model):
+    """The module ``model``'s forward ends with, or None: its ``lm_head``, or the input
+    embedding used as the output layer (tied weights)."""
+    if "lm_head" in model:
+        return model["lm_head"]
+    inner = model.get("model") if hasattr(model, "get") else None
+    return getattr(inner, "embed_tokens", None)
+
+
+def hidden_states(model, inputs, cache=None):
+    """What ``model`` feeds its output layer: ``model.model(inputs, cache)``."""
+    return model.model(inputs, cache)
+
+
+PLAIN = (nn.Linear, nn.QuantizedLinear, nn.Embedding, nn.QuantizedEmbedding)
+
+
+def chunkable(model) -> Optional[str]:
+    """None if ``model(x)`` is ``Head(output_layer(model)).logits(hidden_states(model, x))``
+    (a probe checks it), else why not (a sentence)."""
+    layer = output_layer(model)
+    if layer is None or not isinstance(layer, PLAIN) or "model" not in model:
+        return f"{type(model).__name__} has no plain output layer (lm_head or tied)"
+    probe = mx.array([[1, 2, 3, 4]]) % max(Head(layer).vocab, 1)
+    was_training = model.training
+    model.eval()
+    try:
+        whole = model(probe).astype(F32)
+        tiled = Head(layer).logits(hidden_states(model, probe)[0])
+    except Exception as e:  # an architecture whose inner model takes other arguments
+        return f"its inner model cannot be called alone ({e})"
+    finally:
+        model.train(was_training)
+    error = mx.abs(whole[0] - tiled).max().item()
+    if not error <= 1e-3 * max(mx.abs(whole).max().item(), 1.0):
+        return "its output is not the output layer's alone (a soft cap or a scale)"
+    return None
+
+
+def tile_size(positions: int, vocab: int) -> int:
+    """Vocabulary rows per tile: about TILE_ELEMENTS logits, a multiple of BLOCK."""
+    tile = max(MIN_TILE, min(MAX_TILE, TILE_ELEMENTS // max(positions, 1)))
+    return min(tile - tile % BLOCK, vocab)
+
+
+def _sum(x):
+    """Sum over the last axis in blocks of BLOCK (then over the blocks)."""
+    n = x.shape[-1]
+    whole = n - n % BLOCK
+    total = 0.0
+    if whole:
+        total = x[..., :whole].reshape(*x.shape[:-1], -1, BLOCK).sum(-1).sum(-1)
+    if n % BLOCK:
+        total = total + x[..., whole:].sum(-1)
+    return total
+
+
+def _tile_pass(h, targets, head, tile, want, with_q, after=None):
+    """One chained pass over the vocabulary tiles: ``(lse, q, extras)`` per row of h
+    (N, H); q (N, H) = softmax @ W when ``with_q``. ``after``: arrays the first tile waits
+    for (another pass's results: two passes in flight would hold twice the tiles)."""
+    N, V = h.shape[0], head.vocab
+    m = mx.full((N,), -float("inf"), F32)
+    s = mx.zeros((N,), F32)
+    q = mx.zeros(h.shape, F32) if with_q else None
+    sx = mx.zeros((N,), F32) if "entropy" in want else None
+    if "top1" in want:
+        best, best_id = mx.full((N,), -float("inf"), F32), mx.zeros((N,), mx.int32)
+    if "log_sum_sq" in want:
+        m2, s2 = mx.full((N,), -float("inf"), F32), mx.zeros((N,), F32)
+    x = h if after is None else mx.depends(h, after)
+    for start in range(0, V, tile):
+        stop = min(start + tile, V)
+        if start:  # this tile after every use of the last one: one tile alive at a time
+            running = [s, q, sx] + ([best_id] if "top1" in want else [])
+            running += [s2] if "log_sum_sq" in want else []
+            x = mx.depends(h, [v for v in running if v is not None])
+        z = head.logits(x, start, stop)
+        zmax = z.max(-1)
+        new = mx.maximum(m, zmax)
+        rescale = mx.exp(m - new)
+        e = mx.exp(z - new[:, None])
+        s = s * rescale + _sum(e)
+        if with_q:
+            q = q * rescale[:, None] + head.transposed(e, start, stop)
+        if sx is not None:
+            sx = sx * rescale + _sum(e * z)
+        if "top1" in want:  # strict >: the first maximum wins, as argmax
+            better = zmax > best
+            best_id = mx.where(
+                better, mx.argmax(z, -1).astype(mx.int32) + start, best_id
+            )
+            best = mx.maximum(best, zmax)
+        if "log_sum_sq" in want:
+            new2 = mx.maximum(m2, 2 * zmax)
+            s2 = s2 * mx.exp(m2 - new2) + _sum(mx.exp(2 * z - new2[:, None]))
+            m2 = new2
+        m = new
+    lse = m + mx.log(s)
+    extras = {}
+    if sx is not None:
+        extras["entropy"] = lse - sx / s
+    if "top1" in want:
+        extras["top1"] = (best_id == targets).astype(F32)
+    if "log_sum_sq" in want:
+        extras["log_sum_sq"] = m2 + mx.log(s2) - 2 * lse
+    return lse, (q / s[:, None] if with_q else None), extras
+
+
+def _lse_with_gradient(head, targets, tile, want):
+    """lse(h) (and the metrics) with d lse / dh = q from the forward pass."""
+
+    @mx.custom_function
+    def lse(h):
+        value, q, extras = _tile_pass(h, targets, head, tile, want, with_q=True)
+        return (value, q, *(extras[k] for k in sorted(extras)))
+
+    @lse.vjp
+    def lse_vjp(primals, cotangents, outputs):
+        g, q = cotangents[0], outputs[1]
+        return (g[:, None] * q).astype(primals[0].dtype)
+
+    return lse
+
+
+def tiled_token_stats(
+    h, targets, head, want=frozenset(), grad=True, tile=None, after=None
+):
+    """``TokenStats`` of hidden states h (..., H) and targets (...) through ``head``.
+
+    ``want`` names the extras (``WANTS``); only ``logps`` carries a gradient, the extras
+    are metrics. ``tile``: vocabulary rows per tile (``tile_size`` if None); ``after``:
+    arrays the tiles wait for (see ``_tile_pass``). The tiles give h its gradient, not the
+    layer's weights: an output layer that trains (a script's own unfreezing; mlx-lm never
+    trains it) gets the whole logits, so that its gradient is there.
+    """
+    if grad and head.trains:
+        return logits_token_stats(head.logits(h), targets, want, grad)
+    shape = targets.shape
+    h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    tile = tile or tile_size(h.shape[0], head.vocab)
+    wanted = want - {"vocab_mean"}
+    if grad:
+        value, _, *rest = _lse_with_gradient(head, targets, tile, wanted)(h)
+        extras = dict(zip(sorted(wanted), rest))
+    else:
+        h = mx.stop_gradient(h)
+        value, _, extras = _tile_pass(h, targets, head, tile, wanted, False, after)
+    rows, bias = head.rows(targets)
+    target_logits = (h.astype(F32) * rows).sum(-1) + bias
+    stats = {"logps": target_logits - value}
+    stats.update({k: mx.stop_gradient(v) for k, v in extras.items()})
+    if "vocab_mean" in want:
+        stats["vocab_mean"] = vocab_mean(h, head)
+    return TokenStats(**{k: v.reshape(shape) for k, v in stats.items()})
+
+
+def vocab_mean(h, head) -> mx.array:
+    """The vocab-mean logit of hidden states h (..., H), without a gradient: linear in h,
+    h . mean(W) (+ mean b), so no tile is computed."""
+    total = 0.0
+    for start in range(0, head.vocab, MAX_TILE):  # the mean row, tile by tile
+        stop = min(start + MAX_TILE, head.vocab)
+        total = total + head.transposed(mx.ones((1, stop - start), F32), start, stop)[0]
+    mean = mx.stop_gradient(h).astype(F32) @ (total / head.vocab)
+    if head.bias is not None:
+        mean = mean + head.bias.astype(F32).mean()
+    return mx.stop_gradient(mean)
+
+
+def head_for(model, chunk_size: str):
+    """``(Head, tile)`` to run ``model``'s output layer in tiles (tile None: sized per
+    batch), or ``(None, None)`` for the whole logits: ``head_chunk_size`` ``0``, or
+    ``auto`` on a small vocabulary or an output layer of another kind (``chunkable``
+    checks a model before a run relies on it)."""
+    if chunk_size == "0":
+        return None, None
+    layer = output_layer(model)
+    if not isinstance(layer, PLAIN):
+        return None, None
+    head = Head(layer)
+    if chunk_size == "auto":
+        return (head, None) if head.vocab >= MIN_VOCABULARY else (None, None)
+    return head, int(chunk_size)
+
+
+def resolve_head_chunks(model, options):
+    """Check ``model`` once for the tiled output layer unless it is off; ``auto`` falls back
+    to the whole logits (saying so, where tiles would have applied), a tile size given
+    refuses. Returns the options to train or evaluate with."""
+    if options.head_chunk_size == "0":
+        return options
+    problem = chunkable(model)
+    if problem is None:
+        return options
+    if options.head_chunk_size != "auto":
+        raise ConfigError(
+            f"head_chunk_size {options.head_chunk_size}: the output layer cannot run in "
+            f"tiles: {problem}. Set head_chunk_size auto or 0."
+        )
+    layer = output_layer(model)
+    vocab = layer["weight"].shape[0] if layer is not None and "weight" in layer else 0
+    if vocab >= MIN_VOCABULARY:
+        log(f"output layer in tiles off: {problem}; the logits are computed whole")
+    return options.replace(head_chunk_size="0")

@@ -1,0 +1,205 @@
+"""The output layer in tiles (``mlx_lm_pref.head``): the same losses, metrics and gradients
+as the whole logits for every objective in both batch layouts and every kind of output
+layer; closer to float64 than the whole logits on a 262k vocabulary; a fraction of the
+memory; and the models it cannot serve keep the whole logits."""
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from helpers import random_batch, shared_layout, tiny_lora_model
+from mlx.utils import tree_flatten
+
+import mlx_lm_pref  # noqa: F401
+from mlx_lm_pref.batching import PreferenceBatch
+from mlx_lm_pref.config import ConfigError, PreferenceArgs
+from mlx_lm_pref.head import (
+    Head,
+    chunkable,
+    head_for,
+    hidden_states,
+    output_layer,
+    resolve_head_chunks,
+    tiled_token_stats,
+)
+from mlx_lm_pref.objective import PreferenceLoss
+
+pytestmark = pytest.mark.numerics
+
+OBJECTIVES = [
+    dict(loss_type="dpo"),
+    dict(loss_type="dpo", use_weighting=True, ld_alpha=0.5),
+    dict(loss_type="ipo,sft", loss_weights="1.0,0.5"),
+    dict(loss_type="orpo"),
+    dict(loss_type="simpo"),
+    dict(loss_type="cpo", cpo_loss_type="hinge"),
+]
+
+
+def output_layers():
+    """Tied embedding, untied lm_head, 4-bit lm_head, a bf16 model."""
+
+    def quantized():
+        model = tiny_lora_model(vocab_size=1000, tie_word_embeddings=False)
+        model.lm_head = nn.QuantizedLinear.from_linear(model.lm_head, group_size=32)
+        return model
+
+    return {
+        "tied": lambda: tiny_lora_model(vocab_size=1000),
+        "lm_head": lambda: tiny_lora_model(vocab_size=1000, tie_word_embeddings=False),
+        "q4": quantized,
+        "bf16": lambda: _cast(tiny_lora_model(vocab_size=1000), mx.bfloat16),
+    }
+
+
+def _cast(model, dtype):
+    model.set_dtype(dtype)
+    return model
+
+
+@pytest.mark.parametrize("kind", list(output_layers()))
+@pytest.mark.parametrize("layout", ["rows", "shared"])
+@pytest.mark.parametrize(
+    "case", OBJECTIVES, ids=lambda c: "-".join(map(str, c.values()))
+)
+def test_tiles_give_the_whole_logits_numbers_and_gradients(case, layout, kind):
+    model = output_layers()[kind]()
+    assert chunkable(model) is None
+    batch = random_batch(3)
+    batch = batch if layout == "rows" else shared_layout(batch)
+    results = []
+    for chunk in ("0", "64"):  # 1000 rows: 15 whole tiles and a partial one
+        loss = PreferenceLoss(PreferenceArgs(**case, head_chunk_size=chunk))
+        (value, ntoks), grads = nn.value_and_grad(model, loss)(model, batch)
+        results.append((value, ntoks, model._pref_metrics, dict(tree_flatten(grads))))
+    (a, n, ma, ga), (b, m, mb, gb) = results
+    tol = 1e-5 if kind != "bf16" else 2e-2  # bf16 logits: the same rounding, other sums
+    assert n.item() == m.item()
+    assert abs(a.item() - b.item()) <= tol * max(1.0, abs(a.item()))
+    np.testing.assert_allclose(np.array(mb), np.array(ma), rtol=tol, atol=tol)
+    scale = max(mx.abs(g).max().item() for g in ga.values())
+    assert scale > 0
+    for name, g in ga.items():
+        assert mx.abs(g - gb[name]).max().item() <= tol * scale, name
+
+
+def float64_stats(h, weight, targets):
+    """log-probs and entropies of h @ weight.T in float64."""
+    z = np.asarray(h, np.float64) @ np.asarray(weight, np.float64).T
+    m = z.max(-1, keepdims=True)
+    lse = (np.log(np.exp(z - m).sum(-1, keepdims=True)) + m)[:, 0]
+    p = np.exp(z - lse[:, None])
+    logps = np.take_along_axis(z, targets[:, None], -1)[:, 0] - lse
+    return logps, lse - (p * z).sum(-1)
+
+
+def test_tiles_are_float64_close_on_a_262k_vocabulary():
+    """Gemma 3's vocabulary size (262,145 with its image token), logits of a few nats of
+    spread: per-sequence log-prob sums and per-token entropies within 1e-4 of float64,
+    where one float32 reduction over the whole vocabulary is off by more."""
+    rng = np.random.default_rng(0)
+    V, H, T, rows = 262_145, 32, 48, 4
+    weight = (rng.standard_normal((V, H)) * 0.5).astype(np.float32)
+    h = rng.standard_normal((rows * T, H)).astype(np.float32)
+    targets = rng.integers(0, V, rows * T)
+    want_logps, want_entropy = float64_stats(h, weight, targets)
+    head = Head(nn.Linear(H, V, bias=False))
+    head.layer.weight = mx.array(weight)
+    stats = tiled_token_stats(
+        mx.array(h), mx.array(targets), head, frozenset({"entropy"}), grad=False
+    )
+    sums = np.array(stats.logps).reshape(rows, T).sum(-1)
+    assert np.abs(sums - want_logps.reshape(rows, T).sum(-1)).max() < 1e-4
+    assert np.abs(np.array(stats.entropy) - want_entropy).max() < 1e-4
+    # the whole logits' one reduction, for scale (not asserted: it depends on the backend)
+    z = mx.array(h) @ mx.array(weight).T
+    lse = mx.logsumexp(z, axis=-1)
+    whole = np.array(mx.take_along_axis(z, mx.array(targets)[:, None], -1)[:, 0] - lse)
+    print(
+        "whole logits, per-sequence sums off by",
+        np.abs(
+            whole.reshape(rows, T).sum(-1) - want_logps.reshape(rows, T).sum(-1)
+        ).max(),
+    )
+
+
+def test_tiles_need_a_fraction_of_the_memory():
+    """DPO's step (policy with its gradient, reference, metrics) on 2 pairs of 128 tokens
+    with a 131,072-entry vocabulary: the whole float32 logits alone are 256 MB."""
+    model = tiny_lora_model(vocab_size=131072, tie_word_embeddings=False)
+    rng = np.random.default_rng(0)
+    tokens = mx.array(rng.integers(3, 131072, (4, 129)).astype(np.int32))
+    spans = mx.array([[64, 129]] * 4, dtype=mx.int32)
+    batch = PreferenceBatch(tokens, spans)
+    peaks = {}
+    for chunk in ("0", "auto"):
+        loss = PreferenceLoss(PreferenceArgs(loss_type="dpo", head_chunk_size=chunk))
+        step = nn.value_and_grad(model, loss)
+        mx.eval(step(model, batch))  # warm: nothing of the first call stays
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        mx.eval(step(model, batch))
+        peaks[chunk] = mx.get_peak_memory() - base
+    assert peaks["auto"] < 0.3 * peaks["0"], peaks
+
+
+def test_models_it_cannot_serve_keep_the_whole_logits(capsys):
+    from mlx_lm.models import gemma2
+
+    # a soft cap on the logits (Gemma 2): the probe sees the output is not the layer's
+    args = gemma2.ModelArgs(
+        model_type="gemma2", hidden_size=32, num_hidden_layers=1, intermediate_size=64,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5,
+        vocab_size=40000, final_logit_softcapping=30.0, query_pre_attn_scalar=8,
+    )  # fmt: skip
+    capped = gemma2.Model(args)
+    capped.freeze()  # as mlx_lm.lora leaves it (LoRA trains only adapters)
+    assert "soft cap" in chunkable(capped)
+    options = resolve_head_chunks(capped, PreferenceArgs(loss_type="dpo"))
+    assert options.head_chunk_size == "0" and "tiles off" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="head_chunk_size 1024: the output layer"):
+        resolve_head_chunks(
+            capped, PreferenceArgs(loss_type="dpo", head_chunk_size=1024)
+        )
+    # a tiny vocabulary: auto keeps the whole logits, a size given tiles
+    small = tiny_lora_model()
+    assert head_for(small, "auto") == (None, None)
+    assert head_for(small, "64")[1] == 64
+    assert head_for(tiny_lora_model(vocab_size=40000), "auto")[0] is not None
+
+
+def test_an_output_layer_that_trains_gets_its_gradient():
+    """A script's own unfreezing of lm_head (mlx-lm never trains it): the training pass
+    keeps the whole logits for the layer's gradient, the reference pass still tiles."""
+    model = tiny_lora_model(vocab_size=1000, tie_word_embeddings=False)
+    model.lm_head.unfreeze()
+    batch = random_batch(4)
+    grads = []
+    for chunk in ("0", "64"):
+        loss = PreferenceLoss(PreferenceArgs(loss_type="dpo", head_chunk_size=chunk))
+        grads.append(
+            dict(tree_flatten(nn.value_and_grad(model, loss)(model, batch)[1]))
+        )
+    assert "lm_head.weight" in grads[1]
+    assert mx.abs(grads[1]["lm_head.weight"]).max().item() > 0
+    for name, g in grads[0].items():
+        assert mx.abs(g - grads[1][name]).max().item() < 1e-6, name
+
+
+def test_hidden_states_feed_the_output_layer():
+    model = tiny_lora_model(vocab_size=1000, tie_word_embeddings=False)
+    x = mx.array([[1, 5, 9, 3]])
+    whole = model(x)[0]
+    tiled = Head(output_layer(model)).logits(hidden_states(model, x)[0], 100, 300)
+    assert mx.abs(whole[:, 100:300] - tiled).max().item() < 1e-5
+
+
+@pytest.mark.parametrize("value", ["1.5", "-1", "32", True, "big"])
+def test_head_chunk_size_values(value):
+    with pytest.raises(ConfigError, match="head_chunk_size must be auto, 0"):
+        PreferenceArgs(head_chunk_size=value)
+    assert PreferenceArgs(head_chunk_size=4096).head_chunk_size == "4096"
+    assert math.isfinite(float(PreferenceArgs(head_chunk_size="0").head_chunk_size))
