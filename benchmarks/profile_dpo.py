@@ -7,16 +7,16 @@ timed steps round-robin over the variants, on the mixed workload's batch and who
 (``prompt_sharing: false``):
 
 - ``sft``: mlx-lm's ``default_loss``; ``forward``: a compiled forward pass with log-probs;
-- ``dpo``: sigmoid DPO, reference ``adapters_off``, with TRL's metrics;
-- ``dpo -metrics``: the same loss without the full-vocabulary metrics TRL reports for DPO
-  (entropy, mean_token_accuracy, logits/*: their functions return zeros when traced);
-  ``dpo -entropy``: without the entropy alone;
-- ``dpo@none`` and ``dpo@none -metrics``: no reference pass at all.
+- ``dpo``: sigmoid DPO, reference ``adapters_off``, with TRL's metrics, the output layer as
+  ``head_chunk_size: auto`` picks it (tiles from 4,096 entries up, so on these models);
+  ``dpo:logits``: the same with the whole logits (``head_chunk_size: 0``);
+- ``dpo@none``: no reference pass at all.
 
-So ``dpo - dpo -metrics`` is what the metrics cost, ``dpo - dpo@none`` what the reference pass
-costs inside the DPO step (against ``forward`` alone), and ``dpo@none -metrics - sft`` what the
-policy part costs beyond mlx-lm's own loss. Writes the table to RESULTS.md (section
-"profile") and the raw numbers to results/profile.json.
+So ``dpo - dpo@none`` is what the reference pass costs inside the DPO step (against
+``forward`` alone), ``dpo@none - sft`` what the policy part (loss and TRL's token metrics)
+costs beyond mlx-lm's own loss, and ``dpo / dpo:logits`` what the tiles cost or save on this
+vocabulary (``bench_vocab.py`` measures them on real ones). Writes the table to RESULTS.md
+(section "profile") and the raw numbers to results/profile.json.
 """
 
 import argparse
@@ -27,15 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-VARIANTS = [
-    "sft",
-    "forward",
-    "dpo",
-    "dpo -metrics",
-    "dpo -entropy",
-    "dpo@none",
-    "dpo@none -metrics",
-]
+VARIANTS = ["sft", "forward", "dpo", "dpo:logits", "dpo@none"]
 
 
 def measure(model_path, tokens, spans, pairs, steps):
@@ -43,36 +35,14 @@ def measure(model_path, tokens, spans, pairs, steps):
     import mlx.core as mx
     import worker_mlx_pref as W
 
-    import mlx_lm_pref.objective as objective
-
-    job = {"pairs": pairs, "prompt_sharing": "false"}
     tokens, spans = mx.array(tokens, dtype=mx.int32), mx.array(spans, dtype=mx.int32)
-    originals = (
-        objective._dpo_token_metrics,
-        objective._mean_logits,
-        objective.token_entropy,
-    )
     ready = {}
     for variant in VARIANTS:
-        method, _, ablation = variant.partition(" -")
-        if ablation == "metrics":  # traced (and so compiled) without the metrics
-            objective._dpo_token_metrics = lambda *a: [mx.array(0.0)] * 2
-            objective._mean_logits = lambda *a, **k: [mx.array(0.0)] * 2
-        if ablation == "entropy":
-            objective.token_entropy = lambda logits, lse: mx.zeros_like(lse)
-        try:
-            model = W.load_lora_model(model_path)
-            run, batch, _ = W.build(method, model, tokens, spans, job)
-            # Compiles; the second step compiles again, for the optimizer state the first
-            # one created, so both run while the ablation is in place.
-            run(batch)
-            run(batch)
-        finally:
-            (
-                objective._dpo_token_metrics,
-                objective._mean_logits,
-                objective.token_entropy,
-            ) = originals
+        job = {"pairs": pairs, "prompt_sharing": "false"}
+        model = W.load_lora_model(model_path)
+        run, batch, _ = W.build(variant, model, tokens, spans, job)
+        run(batch)  # compiles; the second step compiles again, for the optimizer state
+        run(batch)
         ready[variant] = (run, batch, model)
     times = {v: [] for v in VARIANTS}
     for i in range(steps):
@@ -146,14 +116,13 @@ def main():
         rows.append([
             key, *(f"{t[v]:.0f}" for v in VARIANTS),
             f"{t['dpo'] / (t['sft'] + t['forward']):.2f}",
-            f"{(t['dpo'] - t['dpo -metrics']) / t['dpo']:.0%}",
-            f"{(t['dpo'] - t['dpo -entropy']) / t['dpo']:.0%}",
             f"{(t['dpo'] - t['dpo@none']) / t['forward']:.2f}",
-            f"{t['dpo@none -metrics'] / t['sft']:.2f}",
+            f"{t['dpo@none'] / t['sft']:.2f}",
+            f"{t['dpo'] / t['dpo:logits']:.2f}",
         ])  # fmt: skip
     header_row = ["model/pairs", *(f"{v} ms" for v in VARIANTS), "DPO / (SFT + fwd)",
-                  "metrics share of DPO", "entropy share of DPO", "ref. pass in DPO / forward",
-                  "policy part / SFT"]  # fmt: skip
+                  "ref. pass in DPO / forward", "policy part / SFT",
+                  "tiles / whole logits"]  # fmt: skip
     table = markdown_table(header_row, rows)
     print(table)
     write_json(HERE / "results" / "profile.json", results)
@@ -165,12 +134,11 @@ def main():
         f"median of {a.steps} round-robin steps. Models: "
         + "; ".join(describe_size(s) for s in a.sizes) + ".",
         "",
-        "`-metrics`: the same DPO step traced without the full-vocabulary metrics TRL "
-        "reports (entropy, mean_token_accuracy, logits/chosen|rejected); `-entropy`: "
-        "without the entropy alone. `@none`: no "
-        "reference pass. Derived columns: the metrics' share of the DPO step; what the "
-        "reference pass adds to the DPO step, relative to a forward pass alone; the rest "
-        "of the DPO step (policy forward + backward + loss) relative to SFT.",
+        "`dpo` has the output layer in tiles (`head_chunk_size: auto` on these "
+        "vocabularies), `:logits` the whole logits. `@none`: no reference pass. Derived "
+        "columns: what the reference pass adds to the DPO step, relative to a forward "
+        "pass alone; the rest of the DPO step (policy forward + backward + loss with "
+        "TRL's metrics) relative to SFT; the tiled step over the whole-logits one.",
         "",
         table,
     ]))  # fmt: skip
