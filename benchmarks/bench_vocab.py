@@ -1,6 +1,7 @@
 """Part 4: real vocabularies. The output layer in tiles vs the whole logits, against SFT.
 
     .venv/bin/python benchmarks/bench_vocab.py [--quick] [--part steps|length|both]
+        [--sizes v152k-h256 ...] [--lengths 512 1024 ...]
 
 ``steps``: on models with real vocabularies and small real hidden sizes (bench_common's
 ``v152k-h256``, ``gemma3-270m-like``, ``qwen3-0.6b-like``, each with 2 layers so a step fits
@@ -18,7 +19,9 @@ trains at within a memory budget (``--budget-gb``, default 4: peak of one step),
 ``v152k-h256``: mlx-lm's SFT, DPO with whole logits and in tiles, ORPO, DPO with sharing,
 and mlx-lm-lora's DPO (its own trainer, peer venv: ``bash benchmarks/setup_peers.sh``).
 
-Writes benchmarks/RESULTS.md (section "vocab") and benchmarks/results/vocab.json.
+Each part writes its own section of benchmarks/RESULTS.md ("vocab", "vocab-length") and
+its raw numbers (benchmarks/results/vocab_steps.json, vocab_length.json), so the two can
+run separately.
 """
 
 import argparse
@@ -51,13 +54,12 @@ STEP_METHODS = [
     "dpo@precomputed",
     "orpo:logits",
     "orpo",
-    "simpo:logits",
     "simpo",
     "dpo+share",
     "orpo+share",
 ]
 # the larger models: the core of the comparison
-SHORT_METHODS = ["sft", "forward", "dpo:logits", "dpo", "orpo", "dpo+share"]
+SHORT_METHODS = ["sft", "forward", "dpo:logits", "dpo", "dpo+share"]
 CONFIGS = {  # size: (pairs, sequence length, methods)
     "v152k-h256": (2, 512, STEP_METHODS),
     "gemma3-270m-like": (1, 512, SHORT_METHODS),
@@ -234,6 +236,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--part", choices=["steps", "length", "both"], default="both")
+    p.add_argument("--sizes", nargs="+", help="steps part: these of CONFIGS only")
+    p.add_argument("--lengths", nargs="+", type=int, default=[512, 1024, 2048, 4096])
     p.add_argument("--budget-gb", type=float, default=4.0)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1)
@@ -245,65 +249,86 @@ def main():
     )
     p.add_argument("--no-write", action="store_true")
     a = p.parse_args()
-    t0 = time.time()
-    results = {}
-    lengths = [128, 256] if a.quick else [512, 1024, 2048, 4096, 8192]
+    lengths = [128, 256] if a.quick else a.lengths
+    configs = QUICK_CONFIGS if a.quick else CONFIGS
+    if a.sizes:
+        configs = {k: v for k, v in configs.items() if k in a.sizes}
+    threads = a.threads or "one per core"
     if a.part in ("steps", "both"):
-        configs = QUICK_CONFIGS if a.quick else CONFIGS
-        results["steps"] = steps_part(configs, a.assets, a.warmup, a.steps, a.threads)
-        print(text_table(STEP_HEADER, step_rows(results["steps"])))
-    if a.part in ("length", "both"):
-        results["length"] = length_part(a.assets, a.budget_gb, lengths, a.threads)
-        print(
-            text_table(
-                ["method", "longest L", "peak GB per L"],
-                length_rows(results["length"], a.budget_gb),
+        t0 = time.time()
+        results = steps_part(configs, a.assets, a.warmup, a.steps, a.threads)
+        print(text_table(STEP_HEADER, step_rows(results)))
+        if not a.no_write:
+            sizes = sorted({r["size"] for r in results.values()})
+            write_part(
+                "vocab",
+                a,
+                results,
+                t0,
+                "## Real vocabularies: the output layer in tiles",
+                [
+                    "Models: " + "; ".join(describe_size(s) for s in sizes) + ". LoRA "
+                    "on every linear layer of every block, Adam. One batch (`pairs x "
+                    "tokens`, prompts 3/4 of each sequence); median of "
+                    f"{a.steps} step(s) after {a.warmup} untimed, BLAS threads: "
+                    f"{threads}. Methods as in part 1; `:logits` = the whole logits "
+                    "(`head_chunk_size: 0`, the path before tiles), without it the "
+                    "default (`auto`: tiles). `x (SFT+fwd)` = DPO's step over SFT's plus "
+                    "a forward pass's. `head time` / `head memory`: the share of the "
+                    "step's time and peak the output layer accounts for (1 - the same "
+                    "method on the same model with a "
+                    f"{SMALL_VOCAB}-entry vocabulary / this).",
+                    "",
+                    markdown_table(STEP_HEADER, step_rows(results)),
+                ],
             )
-        )
+    if a.part in ("length", "both"):
+        t0 = time.time()
+        results = length_part(a.assets, a.budget_gb, lengths, a.threads)
+        table = (["method", "longest L", "peak GB per L"],)
+        table += (length_rows(results, a.budget_gb),)
+        print(text_table(*table))
+        if not a.no_write:
+            write_part(
+                "vocab-length",
+                a,
+                results,
+                t0,
+                "## Real vocabularies: the longest sequence in a memory budget",
+                [
+                    f"Longest sequence within {a.budget_gb:g} GB "
+                    "(`mx.get_peak_memory()` of one step, compile included; 1 pair, "
+                    "prompt 3/4, lengths "
+                    + ", ".join(map(str, lengths))
+                    + ", stopping at the first that does not fit) on "
+                    + describe_size("v152k-h256")
+                    + f", BLAS threads: {threads}. `mlx-lm-lora dpo`: its own DPO "
+                    "trainer (a second model copy as the reference).",
+                    "",
+                    markdown_table(*table),
+                ],
+            )
+
+
+def write_part(section, a, results, t0, title, body):
+    """One part's RESULTS.md section (with the command that made it) and raw numbers."""
     elapsed = time.time() - t0
-    if a.no_write:
-        return
-    write_json(HERE / "results" / "vocab.json", results)
-    cmd = "python benchmarks/bench_vocab.py" + (" --quick" if a.quick else "")
-    body = [
-        "## Real vocabularies: the output layer in tiles"
-        + (" — QUICK" if a.quick else ""),
+    part = "steps" if section == "vocab" else "length"
+    write_json(HERE / "results" / f"vocab_{part}.json", results)
+    flags = " --quick" if a.quick else ""
+    flags += f" --part {part}"
+    flags += " --sizes " + " ".join(a.sizes) if a.sizes and part == "steps" else ""
+    flags += f" --steps {a.steps}" if a.steps != 2 else ""
+    flags += f" --threads {a.threads}" if a.threads else ""
+    head = [
+        title + (" — QUICK" if a.quick else ""),
         "",
-        f"`{cmd}` ({time.strftime('%Y-%m-%d %H:%M')}, {elapsed:.0f} s). {machine_line()}; "
-        f"CPU backend with Debian's OpenBLAS, BLAS threads: {a.threads or 'one per core'}.",
+        f"`python benchmarks/bench_vocab.py{flags}` ({time.strftime('%Y-%m-%d %H:%M')}, "
+        f"{elapsed:.0f} s). {machine_line()}; CPU backend with Debian's OpenBLAS.",
         "",
     ]
-    if "steps" in results:
-        sizes = sorted({r["size"] for r in results["steps"].values()})
-        body += [
-            "Models: " + "; ".join(describe_size(s) for s in sizes) + ". LoRA on every "
-            "linear layer of every block, Adam. One batch (`pairs x tokens`, prompts 3/4 of "
-            f"each sequence); median of {a.steps} steps after {a.warmup} untimed. Methods as "
-            "in part 1; `:logits` = the whole logits (`head_chunk_size: 0`, the path before "
-            "tiles), without it the default (`auto`: tiles). `x (SFT+fwd)` = DPO's step over "
-            "SFT's plus a forward pass's. `head time` / `head memory`: the share of the "
-            f"step's time and peak the output layer accounts for (1 - the same method on the "
-            f"same model with a {SMALL_VOCAB}-entry vocabulary / this).",
-            "",
-            markdown_table(STEP_HEADER, step_rows(results["steps"])),
-            "",
-        ]
-    if "length" in results:
-        body += [
-            f"Longest sequence within {a.budget_gb:g} GB (`mx.get_peak_memory()` of one "
-            "step; 1 pair, prompt 3/4, lengths doubling) on "
-            + describe_size("v152k-h256")
-            + ". `mlx-lm-lora dpo`: its own DPO trainer (a second model copy as the "
-            "reference).",
-            "",
-            markdown_table(
-                ["method", "longest L", "peak GB per L"],
-                length_rows(results["length"], a.budget_gb),
-            ),
-            "",
-        ]
-    write_section("vocab", "\n".join(body))
-    print(f"wrote RESULTS.md (section vocab) in {elapsed:.0f} s", file=sys.stderr)
+    write_section(section, "\n".join(head + body) + "\n")
+    print(f"wrote RESULTS.md (section {section}) in {elapsed:.0f} s", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -482,8 +482,15 @@ class PreferenceDataset:
                 f"({columns['chosen']}, {columns['rejected']})."
             )
         if rows and not self._pairs:
+            alike = self.identical if self.options.identical_pairs == "drop" else 0
+            why = (
+                f"{alike} have chosen identical to rejected (identical_pairs: drop), the "
+                f"other {self.dropped} a prompt that alone reaches "
+                if alike
+                else "every prompt alone reaches "
+            )
             raise DataError(
-                f"{self.source}: no pair is left of {rows}: every prompt alone reaches "
+                f"{self.source}: no pair is left of {rows}: {why}"
                 f"max_seq_length={max_seq_length}. Raise max_seq_length or shorten the "
                 "prompts."
             )

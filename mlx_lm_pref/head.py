@@ -34,7 +34,9 @@ from .logps import TokenStats, logits_token_stats
 
 F32 = mx.float32
 BLOCK = 64
-# One tile holds at most this many float32 logits (rows x vocabulary entries): 16 MiB.
+# A tile holds about this many float32 logits (positions x vocabulary rows, 16 MiB), and its
+# float32 weight rows (vocabulary rows x hidden) at most as many; never fewer than MIN_TILE
+# rows (a batch of more than 4,096 positions has tiles of MIN_TILE rows, so larger ones).
 TILE_ELEMENTS = 1 << 22
 MIN_TILE, MAX_TILE = 1024, 16384
 # Below this vocabulary the whole logits are as fast (measured: tiles 0-9% faster from 4096
@@ -49,8 +51,14 @@ class Head:
     def __init__(self, layer):
         self.layer = layer
         self.quantized = isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding))
-        self.bias = layer.get("bias") if isinstance(layer, nn.Linear) else None
+        linear = isinstance(layer, (nn.Linear, nn.QuantizedLinear))
+        self.bias = layer.get("bias") if linear else None
         self.vocab = layer["weight"].shape[0]
+
+    def dtype(self, x):
+        """The dtype of the logits of x, before the float32 cast: the model's."""
+        w = self.layer["scales"] if self.quantized else self.layer["weight"]
+        return mx.result_type(x.dtype, w.dtype)
 
     @property
     def trains(self) -> bool:
@@ -110,9 +118,16 @@ class Head:
         return g @ w.astype(F32)
 
 
+def text_model(model):
+    """The language model of ``model``: itself, or the ``language_model`` it wraps (mlx-lm's
+    Gemma 3, Llama 4, Mistral 3, Qwen2-VL... call it and return its output)."""
+    return model["language_model"] if "language_model" in model else model
+
+
 def output_layer(model):
     """The module ``model``'s forward ends with, or None: its ``lm_head``, or the input
     embedding used as the output layer (tied weights)."""
+    model = text_model(model)
     if "lm_head" in model:
         return model["lm_head"]
     inner = model.get("model") if hasattr(model, "get") else None
@@ -120,8 +135,8 @@ def output_layer(model):
 
 
 def hidden_states(model, inputs, cache=None):
-    """What ``model`` feeds its output layer: ``model.model(inputs, cache)``."""
-    return model.model(inputs, cache)
+    """What ``model`` feeds its output layer: ``model.model(inputs, cache=cache)``."""
+    return text_model(model).model(inputs, cache=cache)
 
 
 PLAIN = (nn.Linear, nn.QuantizedLinear, nn.Embedding, nn.QuantizedEmbedding)
@@ -131,7 +146,11 @@ def chunkable(model) -> Optional[str]:
     """None if ``model(x)`` is ``Head(output_layer(model)).logits(hidden_states(model, x))``
     (a probe checks it), else why not (a sentence)."""
     layer = output_layer(model)
-    if layer is None or not isinstance(layer, PLAIN) or "model" not in model:
+    if (
+        layer is None
+        or not isinstance(layer, PLAIN)
+        or "model" not in text_model(model)
+    ):
         return f"{type(model).__name__} has no plain output layer (lm_head or tied)"
     probe = mx.array([[1, 2, 3, 4]]) % max(Head(layer).vocab, 1)
     was_training = model.training
@@ -149,9 +168,10 @@ def chunkable(model) -> Optional[str]:
     return None
 
 
-def tile_size(positions: int, vocab: int) -> int:
-    """Vocabulary rows per tile: about TILE_ELEMENTS logits, a multiple of BLOCK."""
-    tile = max(MIN_TILE, min(MAX_TILE, TILE_ELEMENTS // max(positions, 1)))
+def tile_size(positions: int, vocab: int, hidden: int) -> int:
+    """Vocabulary rows per tile: about TILE_ELEMENTS logits and weight entries, a multiple
+    of BLOCK."""
+    tile = max(MIN_TILE, min(MAX_TILE, TILE_ELEMENTS // max(positions, hidden, 1)))
     return min(tile - tile % BLOCK, vocab)
 
 
@@ -250,7 +270,7 @@ def tiled_token_stats(
         return logits_token_stats(head.logits(h), targets, want, grad)
     shape = targets.shape
     h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
-    tile = tile or tile_size(h.shape[0], head.vocab)
+    tile = tile or tile_size(h.shape[0], head.vocab, h.shape[1])
     wanted = want - {"vocab_mean"}
     if grad:
         value, _, *rest = _lse_with_gradient(head, targets, tile, wanted)(h)
@@ -260,6 +280,8 @@ def tiled_token_stats(
         value, _, extras = _tile_pass(h, targets, head, tile, wanted, False, after)
     rows, bias = head.rows(targets)
     target_logits = (h.astype(F32) * rows).sum(-1) + bias
+    if head.dtype(h) != F32:  # rounded as the tiles' logits are (and the whole logits)
+        target_logits = target_logits.astype(head.dtype(h)).astype(F32)
     stats = {"logps": target_logits - value}
     stats.update({k: mx.stop_gradient(v) for k, v in extras.items()})
     if "vocab_mean" in want:
@@ -270,9 +292,9 @@ def tiled_token_stats(
 def vocab_mean(h, head) -> mx.array:
     """The vocab-mean logit of hidden states h (..., H), without a gradient: linear in h,
     h . mean(W) (+ mean b), so no tile is computed."""
-    total = 0.0
-    for start in range(0, head.vocab, MAX_TILE):  # the mean row, tile by tile
-        stop = min(start + MAX_TILE, head.vocab)
+    total, tile = 0.0, tile_size(1, head.vocab, h.shape[-1])
+    for start in range(0, head.vocab, tile):  # the mean row, tile by tile
+        stop = min(start + tile, head.vocab)
         total = total + head.transposed(mx.ones((1, stop - start), F32), start, stop)[0]
     mean = mx.stop_gradient(h).astype(F32) @ (total / head.vocab)
     if head.bias is not None:
@@ -312,6 +334,6 @@ def resolve_head_chunks(model, options):
         )
     layer = output_layer(model)
     vocab = layer["weight"].shape[0] if layer is not None and "weight" in layer else 0
-    if vocab >= MIN_VOCABULARY:
+    if vocab == 0 or vocab >= MIN_VOCABULARY:  # unless tiles would not apply anyway
         log(f"output layer in tiles off: {problem}; the logits are computed whole")
     return options.replace(head_chunk_size="0")

@@ -79,7 +79,7 @@ class PromptCache:
 
 
 def shared_forward(forward, layers, prompts, prompt_lengths, continuations):
-    """Outputs of ``forward(inputs, cache)`` (the model, or its hidden states) for a pair
+    """Outputs of ``forward(inputs, cache=cache)`` (the model, or its hidden states) for a pair
     batch in the shared layout.
 
     Args:
@@ -97,8 +97,8 @@ def shared_forward(forward, layers, prompts, prompt_lengths, continuations):
         are read.
     """
     cache = [PromptCache(prompt_lengths) for _ in layers]
-    prompt_outputs = forward(prompts, cache)
-    return prompt_outputs, forward(continuations, cache)
+    prompt_outputs = forward(prompts, cache=cache)
+    return prompt_outputs, forward(continuations, cache=cache)
 
 
 def _probe(model, vocab_size):

@@ -24,6 +24,7 @@ from . import function_wrapper
 
 # What every hf_dataset entry shares with the run (mlx-lm passes each entry as the config).
 RUN_WIDE = tuple(f.name for f in fields(PreferenceArgs)) + ("max_seq_length",)
+FEATURES = ("prompt_feature", "chosen_feature", "rejected_feature")
 
 
 def options_for(config) -> PreferenceArgs:
@@ -97,8 +98,10 @@ def load_custom_hf_dataset(wrapped, instance, args, kwargs):
         return wrapped(*args, **kwargs)
     entries = ns.hf_dataset if isinstance(ns.hf_dataset, list) else [ns.hf_dataset]
     run_wide = {k: getattr(ns, k) for k in RUN_WIDE if hasattr(ns, k)}
+    # Column names given at the top level are every entry's unless it names its own.
+    features = {k: getattr(ns, k) for k in FEATURES if getattr(ns, k, None)}
     completed = SimpleNamespace(**vars(ns))
-    completed.hf_dataset = [{**entry, **run_wide} for entry in entries]
+    completed.hf_dataset = [{**features, **entry, **run_wide} for entry in entries]
     splits = wrapped(completed, a["tokenizer"])
     return tuple(_one_dataset(split) for split in splits)
 

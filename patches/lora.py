@@ -124,12 +124,19 @@ def check_config_keys(ns):
     known |= {a.dest for a in lora_cli.build_parser()._actions}
     entries = config.get("hf_dataset") or []
     entries = [entries] if isinstance(entries, dict) else entries
+    if not isinstance(entries, list):
+        raise ConfigError(
+            f"{ns.config}: hf_dataset must be a mapping (path, train_split, ...) or a "
+            "list of them."
+        )
     checks = [(config, known, "")]
     checks += [(e, HF_DATASET_KEYS, f"hf_dataset[{i}].") for i, e in enumerate(entries)]
     for mapping, names, where in checks:
         if not isinstance(mapping, dict):
+            raise ConfigError(f"{ns.config}: {where.rstrip('.')} must be a mapping.")
+        if where and preference and not mapping.get("path"):
             raise ConfigError(
-                f"{ns.config}: {where or 'hf_dataset'} must be a mapping."
+                f"{ns.config}: {where}path is missing: the dataset's name or folder."
             )
         for key in mapping:
             if key in names:
@@ -245,7 +252,8 @@ def load_dataset(wrapped, instance, args, kwargs):
         return wrapped(*args, **kwargs)
     except (ConfigError, DataError):
         raise
-    except ValueError as e:  # upstream's "Training set not found or empty", ...
+    except (ValueError, FileNotFoundError) as e:  # "Training set not found or empty",
+        # or a hf_dataset that does not exist (datasets' DatasetNotFoundError)
         source = "hf_dataset" if getattr(ns, "hf_dataset", None) else ns.data
         raise DataError(f"{source}: {e}") from None
 

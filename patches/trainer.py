@@ -11,6 +11,7 @@ names them explicitly, and fall through to the originals for SFT data.
 
 import inspect
 from contextlib import nullcontext
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -99,10 +100,14 @@ def train(wrapped, instance, args, kwargs):
         raise ValueError(
             "The training set holds preference pairs but the validation set does not."
         )
+    # A script's own PreferenceLoss(options): its options, checked for this model and its
+    # reference set up as for the dataset's own (train() resolves them, the loss cannot).
+    own = a["loss"] if isinstance(a["loss"], PreferenceLoss) else None
     run = current_run()  # mlx_lm.lora's, else this call starts one
-    with nullcontext(run) if run else running(PreferenceRun(pairs.options)) as run:
+    options = own.options if own else pairs.options
+    with nullcontext(run) if run else running(PreferenceRun(options)) as run:
         start_training(run, a)
-        if _is_default(bound, signature, "loss"):
+        if own or _is_default(bound, signature, "loss"):
             a["loss"] = run.loss
         if _is_default(bound, signature, "iterate_batches"):
             a["iterate_batches"] = partial(
@@ -202,14 +207,17 @@ def evaluate(wrapped, instance, args, kwargs):
     batches = a["iterate_batches"]
     batches = getattr(batches, "unwatched", batches)
     default_batches = _is_default(bound, signature, "iterate_batches") or _ours(batches)
-    loss = a["loss"]
+    loss, run = a["loss"], current_run()
     if _is_default(bound, signature, "loss"):
-        run = current_run()
         if run is not None and run.loss is not None:  # validation, or --test after it
             loss = run.loss
         else:  # a script's own evaluate call: the dataset's options, for this model
             options = resolve_prompt_sharing(a["model"], pairs.options)
             loss = PreferenceLoss(resolve_head_chunks(a["model"], options))
+    elif isinstance(loss, PreferenceLoss) and (run is None or loss is not run.loss):
+        # a script's own PreferenceLoss(options): checked for this model, as above
+        options = resolve_prompt_sharing(a["model"], loss.options)
+        loss = replace(loss, options=resolve_head_chunks(a["model"], options))
     if not isinstance(loss, PreferenceLoss):
         # A caller's own loss gets mlx-lm's own evaluation of it, on the pairs in file
         # order (whole rows: the caller's loss knows nothing of the shared layout).

@@ -6,9 +6,9 @@ before the model loads. The equivalences: each case runs again as its *twin*, th
 with every option that claims not to change the numbers put back to its plain value
 (prompt sharing off, a live reference instead of a precomputed one, no gradient
 checkpointing, one batch of 2B pairs instead of two accumulated batches of B, the whole
-logits instead of the output layer in tiles), and the two
-must agree within float32 noise (``TOLERANCE``). A few cases also run on 2 ranks
-(``mlx.launch``, ring backend, loopback) against their one-process run.
+logits instead of the output layer in tiles), and the two must agree within float32 noise
+(``TOLERANCE``). A few cases also run on 2 ranks (``mlx.launch``, ring backend, loopback)
+against their one-process run.
 
 A case and its twin run one after the other in one interpreter (``helpers.run_cli_many``:
 the command's own code, ``mlx_lm_pref.cli.lora``, with its argv), two interpreters at a
@@ -150,14 +150,13 @@ PAIR_MEAN_LOSSES = ("sigmoid", "ipo")  # no token mean: accumulation is exact
 
 def twin_of(case) -> dict:
     """The same run with every number-preserving option at its plain value (auto keeps
-    short prompts unshared: nothing to put back there; the output layer whole). Two accumulated batches of B
-    pairs equal one of 2B for a mean over pairs; a token mean (ORPO's and CPO's NLL, the
-    sft term) weighs the two batches' tokens otherwise (``test_scale`` checks those on
-    data of equal lengths)."""
+    short prompts unshared: nothing to put back there; the output layer whole: auto is
+    the whole logits already on the tiny 300-entry vocabulary). Two accumulated batches
+    of B pairs equal one of 2B for a mean over pairs; a token mean (ORPO's and CPO's NLL,
+    the sft term) weighs the two batches' tokens otherwise (``test_scale`` checks those
+    on data of equal lengths)."""
     twin = dict(case, checkpoint=False)
-    if (
-        case["head"] == "64"
-    ):  # auto: the whole logits already, on a 300-entry vocabulary
+    if case["head"] == "64":
         twin["head"] = "0"
     if case["sharing"] == "true" or case["prompts"] == "long":
         twin["sharing"] = "false"

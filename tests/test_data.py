@@ -166,6 +166,20 @@ def test_prompt_filling_max_length_is_dropped_and_counted(tokenizer, capsys):
     assert all(len(s) <= 16 for s in (ds[0].chosen, ds[0].rejected))
 
 
+def test_nothing_left_for_two_reasons_names_both(tokenizer):
+    long = {**GOOD, "prompt": "Is the sky nice? " * 20}
+    rows = [{**GOOD, "rejected": GOOD["chosen"]}, long]
+    options = PreferenceArgs(loss_type="dpo", identical_pairs="drop")
+    with pytest.raises(
+        DataError,
+        match="1 have chosen identical to rejected .*, the "
+        "other 1 a prompt that alone reaches max_seq_length=16",
+    ):
+        PreferenceDataset(rows, tokenizer, options, source="x", max_seq_length=16)
+    with pytest.raises(DataError, match="every prompt alone reaches max_seq_length"):
+        PreferenceDataset([long], tokenizer, options, source="x", max_seq_length=16)
+
+
 def test_pairs_in_unpatched_batching_fail_with_a_clear_message(tmp_path, tokenizer):
     import mlx_lm.tuner.trainer as trainer
     from mlx_lm.tuner.datasets import CacheDataset

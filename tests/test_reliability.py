@@ -243,6 +243,41 @@ def test_unused_columns_are_named_and_prompt_feature_maps_one(tiny_model, tmp_pa
     assert "ignored columns: system\n" in proc.stdout
 
 
+@pytest.mark.parametrize(
+    "hf_dataset,expected",
+    [
+        ("orca_dpo_pairs", "hf_dataset must be a mapping (path, train_split, ...) or a list"),
+        ([{"train_split": "train"}], "hf_dataset[0].path is missing"),
+        (["orca_dpo_pairs"], "hf_dataset[0] must be a mapping."),
+    ],
+    ids=["a-name", "no-path", "a-list-of-names"],
+)  # fmt: skip
+def test_bad_hf_dataset_entries_are_one_line(
+    tiny_model, tmp_path, hf_dataset, expected
+):
+    config = write_config(tmp_path / "c.yaml", model=str(tiny_model), loss_type="dpo",
+                          train=True, adapter_path=str(tmp_path / "out"),
+                          hf_dataset=hf_dataset)  # fmt: skip
+    proc = run_cli("lora", "--config", config, *SHORT, check=False)
+    refused(proc, tmp_path, expected)
+
+
+def test_top_level_column_mapping_reaches_hf_dataset_entries(tiny_model, tmp_path):
+    rows = [
+        {"system": "Be brief.", "question": r["prompt"], "chosen": r["chosen"],
+         "rejected": r["rejected"]}
+        for r in make_rows(8, 1)
+    ]  # fmt: skip
+    write_jsonl(tmp_path / "d" / "train.jsonl", rows)
+    write_jsonl(tmp_path / "d" / "valid.jsonl", rows[:4])
+    config = write_config(tmp_path / "c.yaml", model=str(tiny_model), loss_type="dpo",
+                          train=True, adapter_path=str(tmp_path / "out"),
+                          prompt_feature="question",
+                          hf_dataset=hf_entries(tmp_path / "d"))  # fmt: skip
+    proc = run_cli("lora", "--config", config, *SHORT)
+    assert "ignored columns: system\n" in proc.stdout
+
+
 def test_a_non_finite_last_step_is_not_saved(tiny_model, tmp_path):
     """mlx-lm's loop ends without asking for another batch, so the last step is checked
     by the final report and the final save: a huge learning rate blows up step 2 of 2.

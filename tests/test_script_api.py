@@ -149,3 +149,65 @@ def test_evaluate_gives_a_callers_own_loss_its_own_value(tiny_model):
     # a model without adapters is its own reference: every pair scores ln 2
     assert default.metrics["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert default.metrics["rewards/margins"] == 0.0
+
+
+def test_a_callers_preference_loss_is_checked_for_the_model(tiny_model, tmp_path):
+    """``PreferenceLoss(options)`` of a script's own, given to train and evaluate, gets
+    what the run's own loss gets: its options checked for this model. On a model whose
+    output is not its output layer's alone (Gemma 2's soft cap) the tiles would drop the
+    cap; checked, the numbers are the default loss's."""
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    import mlx_lm.tuner.trainer as trainer
+    from helpers import make_rows
+    from mlx_lm import load
+    from mlx_lm.models import gemma2
+    from mlx_lm.tuner.datasets import CacheDataset
+    from mlx_lm.tuner.trainer import TrainingArgs, TrainingCallback
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    from mlx_lm_pref import PreferenceArgs, PreferenceDataset
+    from mlx_lm_pref.objective import PreferenceLoss
+
+    _, tokenizer = load(str(tiny_model))
+    pairs = CacheDataset(
+        PreferenceDataset(make_rows(4, 1), tokenizer, PreferenceArgs("dpo"))
+    )
+
+    def capped():
+        mx.random.seed(0)
+        args = gemma2.ModelArgs(
+            model_type="gemma2", hidden_size=32, num_hidden_layers=1,
+            intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=8, rms_norm_eps=1e-5, vocab_size=8192, final_logit_softcapping=2.0,
+            query_pre_attn_scalar=8,
+        )  # fmt: skip
+        model = gemma2.Model(args)
+        model.freeze()
+        linear_to_lora_layers(model, 1, {"rank": 4, "dropout": 0.0, "scale": 2.0})
+        return model
+
+    def evaluate(loss=None):
+        extra = {} if loss is None else {"loss": loss}
+        return trainer.evaluate(capped(), pairs, 2, -1, **extra).metrics
+
+    default, own = evaluate(), evaluate(PreferenceLoss(PreferenceArgs("dpo")))
+    assert own["logps/chosen"] == pytest.approx(default["logps/chosen"], rel=1e-6)
+
+    class Losses(TrainingCallback):
+        def __init__(self):
+            self.losses = []
+
+        def on_train_loss_report(self, info):
+            self.losses.append(info["train_loss"])
+
+    def train(loss=None):
+        losses = Losses()
+        extra = {} if loss is None else {"loss": loss}
+        args = TrainingArgs(batch_size=2, iters=2, steps_per_report=1, steps_per_eval=9,
+                            adapter_file=str(tmp_path / "a.safetensors"))  # fmt: skip
+        trainer.train(capped(), optim.SGD(learning_rate=0.5), pairs, args=args,
+                      training_callback=losses, **extra)  # fmt: skip
+        return losses.losses
+
+    assert train(PreferenceLoss(PreferenceArgs("dpo"))) == pytest.approx(train())
