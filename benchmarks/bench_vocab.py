@@ -212,7 +212,7 @@ def length_part(root, budget_gb, lengths, threads):
     return out
 
 
-def length_rows(results, budget_gb):
+def length_rows(results, budget_gb, lengths):
     rows = []
     for method, fits in results.items():
         ok = [
@@ -228,7 +228,10 @@ def length_rows(results, budget_gb):
             )
             for f in fits
         )
-        rows.append([method, str(max(ok)) if ok else "< " + str(fits[0]["L"]), peaks])
+        longest = str(max(ok)) if ok else "< " + str(fits[0]["L"])
+        if ok and len(ok) == len(lengths):  # every length tried fits: at least that
+            longest = ">= " + longest
+        rows.append([method, longest, peaks])
     return rows
 
 
@@ -286,7 +289,7 @@ def main():
         t0 = time.time()
         results = length_part(a.assets, a.budget_gb, lengths, a.threads)
         table = (["method", "longest L", "peak GB per L"],)
-        table += (length_rows(results, a.budget_gb),)
+        table += (length_rows(results, a.budget_gb, lengths),)
         print(text_table(*table))
         if not a.no_write:
             write_part(
