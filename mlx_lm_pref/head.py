@@ -90,32 +90,27 @@ class Head:
             z = z + self.bias[start:stop]
         return z.astype(F32)
 
-    def rows(self, ids):
-        """(N, H) float32 weight rows of ``ids`` and (N,) their bias (or 0)."""
-        w = self.layer["weight"][ids]
+    def _weight(self, index):
+        """The float32 weight rows ``W[index]`` (dequantized for a quantized layer)."""
+        w = self.layer["weight"][index]
         if self.quantized:
             biases = self.layer.get("biases")
             w = mx.dequantize(
                 w,
-                scales=self.layer["scales"][ids],
-                biases=None if biases is None else biases[ids],
+                scales=self.layer["scales"][index],
+                biases=None if biases is None else biases[index],
                 **self._q(),
             )
+        return w.astype(F32)
+
+    def rows(self, ids):
+        """(N, H) float32 weight rows of ``ids`` and (N,) their bias (or 0)."""
         bias = self.bias[ids].astype(F32) if self.bias is not None else 0.0
-        return w.astype(F32), bias
+        return self._weight(ids), bias
 
     def transposed(self, g, start, stop):
         """g @ W[start:stop] in float32: (N, stop - start) -> (N, H)."""
-        w = self.layer["weight"][start:stop]
-        if self.quantized:
-            biases = self.layer.get("biases")
-            w = mx.dequantize(
-                w,
-                scales=self.layer["scales"][start:stop],
-                biases=None if biases is None else biases[start:stop],
-                **self._q(),
-            )
-        return g @ w.astype(F32)
+        return g @ self._weight(slice(start, stop))
 
 
 def text_model(model):

@@ -223,15 +223,20 @@ def test_bad_data_is_one_line_before_the_model_loads(
     refused(proc, tmp_path, *expected)
 
 
+def orca_rows(n):
+    """orca_dpo_pairs' columns: system, question, chosen, rejected."""
+    return [
+        {"system": "Be brief.", "question": r["prompt"], "chosen": r["chosen"],
+         "rejected": r["rejected"]}
+        for r in make_rows(n, 1)
+    ]  # fmt: skip
+
+
 def test_unused_columns_are_named_and_prompt_feature_maps_one(tiny_model, tmp_path):
     """orca_dpo_pairs has system, question, chosen, rejected: without a mapping the
     question is not read (the implicit prompt is what chosen and rejected share), and the
     user is told so; prompt_feature reads it."""
-    rows = [
-        {"system": "Be brief.", "question": r["prompt"], "chosen": r["chosen"],
-         "rejected": r["rejected"]}
-        for r in make_rows(8, 1)
-    ]  # fmt: skip
+    rows = orca_rows(8)
     write_jsonl(tmp_path / "d" / "train.jsonl", rows)
     proc = yaml_run(tiny_model, tmp_path, tmp_path / "d", loss_type="dpo")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -263,11 +268,7 @@ def test_bad_hf_dataset_entries_are_one_line(
 
 
 def test_top_level_column_mapping_reaches_hf_dataset_entries(tiny_model, tmp_path):
-    rows = [
-        {"system": "Be brief.", "question": r["prompt"], "chosen": r["chosen"],
-         "rejected": r["rejected"]}
-        for r in make_rows(8, 1)
-    ]  # fmt: skip
+    rows = orca_rows(8)
     write_jsonl(tmp_path / "d" / "train.jsonl", rows)
     write_jsonl(tmp_path / "d" / "valid.jsonl", rows[:4])
     config = write_config(tmp_path / "c.yaml", model=str(tiny_model), loss_type="dpo",
