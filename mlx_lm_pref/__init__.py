@@ -6,6 +6,8 @@
 ``unpatch()`` puts every original object back; ``patch()`` applies them again.
 """
 
+import importlib.metadata
+
 from .patches import UnsupportedVersionError
 from .patches import apply as patch
 from .patches import is_applied
@@ -19,7 +21,7 @@ from .config import PreferenceArgs  # noqa: E402
 from .data import DataError, PreferenceDataset  # noqa: E402
 from .reference import adapters_disabled  # noqa: E402
 
-__version__ = "0.1.0"
+__version__ = importlib.metadata.version("mlx-lm-pref")
 __all__ = [
     "DataError",
     "PreferenceArgs",

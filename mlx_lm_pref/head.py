@@ -58,7 +58,9 @@ class Head:
     def dtype(self, x):
         """The dtype of the logits of x, before the float32 cast: the model's."""
         w = self.layer["scales"] if self.quantized else self.layer["weight"]
-        return mx.result_type(x.dtype, w.dtype)
+        # x @ w.T's promotion, from a 0-d sum that is never evaluated (mx.result_type is
+        # mlx >= 0.31 only).
+        return (mx.zeros((), x.dtype) + mx.zeros((), w.dtype)).dtype
 
     @property
     def trains(self) -> bool:

@@ -25,10 +25,11 @@ WANTS = frozenset({"entropy", "top1", "vocab_mean", "log_sum_sq"})
 
 
 def fused_cross_entropy() -> bool:
-    """Whether mlx's fused cross-entropy kernel runs here (Metal and CUDA; on the CPU
-    ``mx.fast.cross_entropy`` falls back to the unfused ops, reducing in the logits' dtype).
+    """Whether mlx's fused cross-entropy kernel runs here: on Metal and CUDA, from mlx 0.32.2
+    (on the CPU ``mx.fast.cross_entropy`` falls back to the unfused ops, reducing in the
+    logits' dtype; before 0.32.2 it does not exist).
     """
-    return mx.default_device() == mx.gpu
+    return mx.default_device() == mx.gpu and hasattr(mx.fast, "cross_entropy")
 
 
 def token_logps(logits: mx.array, targets: mx.array, lse=None) -> mx.array:

@@ -17,6 +17,7 @@ import sys
 
 import wrapt
 from packaging.requirements import Requirement
+from packaging.version import Version
 
 logger = logging.getLogger("mlx_lm_pref")
 
@@ -71,6 +72,13 @@ def supported_range() -> Requirement:
     raise RuntimeError("mlx-lm-pref's metadata declares no mlx-lm requirement.")
 
 
+# mlx-lm before 0.30 needs transformers < 5: its ChatDataset takes apply_chat_template's
+# result for token ids, and transformers 5 returns a BatchEncoding (a dict) there. A
+# requirement cannot depend on another package's version, so pip cannot say this;
+# activation does.
+NEEDS_OLD_TRANSFORMERS = Version("0.30")
+
+
 def check_version() -> None:
     req = supported_range()
     found = importlib.metadata.version("mlx-lm")
@@ -81,6 +89,13 @@ def check_version() -> None:
             f"mlx_lm_pref supports mlx-lm {wanted} but found mlx-lm {found}; "
             f"nothing was patched. Install a supported version: "
             f"pip install 'mlx-lm{wanted}'."
+        )
+    transformers = importlib.metadata.version("transformers")
+    if Version(found) < NEEDS_OLD_TRANSFORMERS and Version(transformers).major >= 5:
+        raise UnsupportedVersionError(
+            f"mlx-lm {found} needs transformers < 5 (its chat datasets break on 5.x) but "
+            f"found transformers {transformers}; nothing was patched. Run: "
+            f"pip install 'transformers<5' (or install mlx-lm >= {NEEDS_OLD_TRANSFORMERS})."
         )
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 import mlx.core as mx
 import mlx_lm.tuner.trainer
 import yaml
-from mlx_lm.cli_ui import rprint
 from mlx_lm.tuner.datasets import CacheDataset
 
 from mlx_lm_pref.batching import preference_dataset_of
@@ -27,6 +26,7 @@ from mlx_lm_pref.config import (
     close_match,
     config_defaults,
 )
+from mlx_lm_pref.console import rprint
 from mlx_lm_pref.data import DataError, is_preference_row
 from mlx_lm_pref.metrics import METRICS_FILE, append_metrics, format_metrics
 from mlx_lm_pref.run import PreferenceRun, current_run, running

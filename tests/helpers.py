@@ -233,17 +233,21 @@ def shared_layout(batch):
     return PreferenceBatch(*collate_shared(pairs, 2048), batch.reference)
 
 
-def lora_here(argv):
-    """``mlx_lm_pref lora <argv>`` in this process, as the console script runs it:
-    ``(exit code, stdout, stderr)``."""
+def lora_here(argv, entry="mlx_lm_pref.lora"):
+    """``<entry> <argv>`` in this process, as the console script runs it: ``(exit code,
+    stdout, stderr)``. ``entry`` is ``mlx_lm_pref.lora`` or plain ``mlx_lm.lora`` (upstream's
+    ``main``, patched by the start-up hook on import)."""
     import contextlib
     import io
 
-    from mlx_lm_pref.cli import lora
+    if entry == "mlx_lm.lora":
+        from mlx_lm.lora import main as lora
+    else:
+        from mlx_lm_pref.cli import lora
 
     out, err = io.StringIO(), io.StringIO()
     saved = sys.argv
-    sys.argv = ["mlx_lm_pref lora", *map(str, argv)]
+    sys.argv = [entry, *map(str, argv)]
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
@@ -261,11 +265,11 @@ import json, os, sys, traceback
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from helpers import lora_here
 jobs, path, results = json.loads(sys.argv[1]), sys.argv[2], []
-for argv, cwd, env in jobs:
+for argv, cwd, env, entry in jobs:
     os.chdir(cwd)
     os.environ.update(env)
     try:
-        results.append(lora_here(argv))
+        results.append(lora_here(argv, entry))
     except BaseException:
         results.append((1, "", traceback.format_exc()))
 with open(path, "w") as fid:
@@ -275,12 +279,14 @@ with open(path, "w") as fid:
 
 def run_cli_many(jobs, timeout=900):
     """``mlx_lm_pref lora`` runs one after another in one fresh interpreter (its import
-    paid once): ``jobs`` are ``(argv, cwd, env)``; returns ``(exit code, stdout, stderr)``
-    per job, as the console script would have exited and printed."""
+    paid once): ``jobs`` are ``(argv, cwd, env)`` or ``(argv, cwd, env, entry)`` (see
+    ``lora_here``); returns ``(exit code, stdout, stderr)`` per job, as the console script
+    would have exited and printed."""
     import tempfile
 
+    jobs = [(*job, "mlx_lm_pref.lora")[:4] for job in jobs]
     payload = json.dumps(
-        [([str(a) for a in argv], str(cwd), env) for argv, cwd, env in jobs]
+        [([str(a) for a in argv], str(cwd), env, e) for argv, cwd, env, e in jobs]
     )
     results = Path(tempfile.mkdtemp()) / "results.json"
     proc = subprocess.run(

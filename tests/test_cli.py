@@ -5,12 +5,17 @@ errors raised before anything is written."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from helpers import lora, make_rows, read_metrics, run_cli, write_data, write_jsonl
+
+OFF = {
+    "MLX_LM_PREF_NO_AUTOPATCH": "1"
+}  # mlx-lm exactly as upstream: see test_startup.py
 
 TRAIN = [
     "--train",
@@ -60,6 +65,7 @@ def check_learned(adapters, model, loss_type):
     return metrics
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("loss_type", ["dpo", "orpo"])
 def test_standard_rows_train_validate_and_test(tiny_model, tmp_path, loss_type):
     data = write_data(tmp_path / "data")
@@ -127,7 +133,17 @@ def test_implicit_prompts_through_hf_dataset(tiny_model, tmp_path):
     check_learned(adapters, tiny_model, "dpo")
 
 
+def train_losses(out):
+    """The train losses mlx-lm printed: its table's rows from 0.32, "Train loss x" before."""
+    rows = [l.split()[1] for l in out.splitlines() if "▼" in l or "▲" in l]
+    return rows or re.findall(r"Train loss ([0-9.]+)", out)
+
+
+@pytest.mark.smoke
 def test_sft_is_bit_identical_to_unpatched_mlx_lm(tiny_model, tmp_path):
+    """SFT through ``mlx_lm_pref lora`` and through plain ``mlx_lm.lora`` (patched by the
+    start-up hook) writes the bytes and prints the losses of an mlx-lm that provably has
+    no patches (the off switch: the package is never imported)."""
     rows = [{"text": r["prompt"] + r["chosen"]} for r in make_rows(40, 5)]
     for split in ("train", "valid"):
         write_jsonl(tmp_path / "sft" / f"{split}.jsonl", rows)
@@ -140,25 +156,33 @@ def test_sft_is_bit_identical_to_unpatched_mlx_lm(tiny_model, tmp_path):
         "2",
         *TRAIN,
     ]
-    upstream = run_cli(
-        "lora", *args, "--adapter-path", tmp_path / "up", module="mlx_lm"
-    )
-    ours = run_cli("lora", *args, "--adapter-path", tmp_path / "ours")
-    for name in ("adapters.safetensors", "adapter_config.json"):
-        assert (tmp_path / "up" / name).read_bytes() != b""
-        assert (tmp_path / "up" / name).read_bytes() == (
-            tmp_path / "ours" / name
-        ).read_bytes().replace(
-            str(tmp_path / "ours").encode(), str(tmp_path / "up").encode()
-        ), name
-    losses = lambda out: [
-        l.split()[1:2] for l in out.splitlines() if "▼" in l or "▲" in l
-    ]  # noqa: E731
-    assert (
-        losses(upstream.stdout) == losses(ours.stdout)
-        and len(losses(ours.stdout)) == 20
-    )
-    assert not (tmp_path / "ours" / "metrics.jsonl").exists()
+    probe = "import sys, mlx_lm.lora as l; print(sorted(m for m in sys.modules if m.split('.')[0] == 'mlx_lm_pref'), 'loss_type' in l.CONFIG_DEFAULTS)"
+    for env, expected in ((OFF, ["[]", "False"]), ({}, ["['mlx_lm_pref',", "True"])):
+        proc = subprocess.run(
+            [sys.executable, "-c", probe], env={**os.environ, **env}, capture_output=True, text=True
+        )  # fmt: skip
+        assert (
+            proc.stdout.split()[:1] + proc.stdout.split()[-1:] == expected
+        ), proc.stderr
+    runs = {
+        "up": run_cli("lora", *args, "--adapter-path", tmp_path / "up", module="mlx_lm", env=OFF),
+        "ours": run_cli("lora", *args, "--adapter-path", tmp_path / "ours"),
+        "plain": run_cli("lora", *args, "--adapter-path", tmp_path / "plain", module="mlx_lm"),
+    }  # fmt: skip
+    assert len(train_losses(runs["up"].stdout)) == 20
+    for name in ("ours", "plain"):
+        for file in ("adapters.safetensors", "adapter_config.json"):
+            assert (tmp_path / "up" / file).read_bytes() != b""
+            assert (tmp_path / "up" / file).read_bytes() == (
+                tmp_path / name / file
+            ).read_bytes().replace(
+                str(tmp_path / name).encode(), str(tmp_path / "up").encode()
+            ), (
+                name,
+                file,
+            )
+        assert train_losses(runs["up"].stdout) == train_losses(runs[name].stdout), name
+        assert not (tmp_path / name / "metrics.jsonl").exists()
 
 
 def test_bad_row_stops_before_anything_is_written(tiny_model, tmp_path):

@@ -1,10 +1,17 @@
 """Patch lifecycle, each case in a fresh interpreter so patches cannot leak between tests:
 import order, applying twice, unpatch restoring every original, re-applying, and an
-unsupported mlx-lm version."""
+unsupported mlx-lm version. The interpreters run with the start-up hook off
+(``MLX_LM_PREF_NO_AUTOPATCH=1``), so that nothing is patched until a test says so; the hook
+itself is tested in test_startup.py."""
 
+import os
 import subprocess
 import sys
 import textwrap
+
+import pytest
+
+NO_AUTOPATCH = {"MLX_LM_PREF_NO_AUTOPATCH": "1"}
 
 TARGETS = """
 import importlib
@@ -24,13 +31,14 @@ def run_python(code, env=None):
         [sys.executable, "-c", TARGETS + textwrap.dedent(code)],
         capture_output=True,
         text=True,
-        env=env,
+        env={**os.environ, **NO_AUTOPATCH, **(env or {})},
         timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
 
 
+@pytest.mark.smoke
 def test_import_before_mlx_lm():
     out = run_python("""
         import mlx_lm_pref
@@ -47,6 +55,7 @@ def test_import_before_mlx_lm():
     assert "ok" in out
 
 
+@pytest.mark.smoke
 def test_import_after_mlx_lm_then_unpatch_and_reapply():
     out = run_python("""
         import mlx_lm.lora
@@ -81,6 +90,7 @@ def test_import_after_mlx_lm_then_unpatch_and_reapply():
     assert "ok" in out
 
 
+@pytest.mark.smoke
 def test_stale_reference_falls_through_after_unpatch():
     out = run_python("""
         import mlx_lm_pref
@@ -98,14 +108,13 @@ def test_stale_reference_falls_through_after_unpatch():
     assert "ok" in out
 
 
+@pytest.mark.smoke
 def test_unsupported_mlx_lm_version_patches_nothing(mlx_lm_release):
-    import os
-
-    env = {**os.environ, "PYTHONPATH": str(mlx_lm_release("0.31.3"))}
+    env = {"PYTHONPATH": str(mlx_lm_release("0.27.1"))}
     out = run_python(
         """
         import importlib.metadata, sys
-        assert importlib.metadata.version("mlx-lm") == "0.31.3"
+        assert importlib.metadata.version("mlx-lm") == "0.27.1"
         try:
             import mlx_lm_pref
         except ImportError as e:
@@ -119,5 +128,5 @@ def test_unsupported_mlx_lm_version_patches_nothing(mlx_lm_release):
     """,
         env=env,
     )
-    assert "supports mlx-lm >=0.32.2,<0.33 but found mlx-lm 0.31.3" in out
+    assert "supports mlx-lm >=0.28.4,<0.33 but found mlx-lm 0.27.1" in out
     assert "nothing was patched" in out

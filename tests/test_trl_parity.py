@@ -607,6 +607,35 @@ def _mismatches(case, ours_m, trl_m, keys):
     ]
 
 
+SMOKE_CASES = [
+    c
+    for c in CASES
+    if c.id in ("dpo-standard-explicit-bos", "orpo-standard-explicit-bos")
+]
+
+
+@pytest.mark.smoke
+def test_smoke_cases_match_trl(tmp_path, models):
+    """Two cases of test_metrics_match_trl, run by themselves (without the background run
+    of every case): the oldest-mlx-lm leg of .ci/run runs this one."""
+    assert len(SMOKE_CASES) == 2
+    results = _run_ours(
+        tmp_path, models, SMOKE_CASES
+    )  # not workdir: ``ours`` writes there
+    for case in SMOKE_CASES:
+        ours_m, trl_m = results[case.id], _trl(models, case)
+        if isinstance(ours_m, Exception):
+            raise ours_m
+        shared = sorted(
+            set(ours_m) & set(trl_m) - PADDING_METRICS.get(case.method, set())
+        )
+        assert "loss" in shared and "rewards/chosen" in shared
+        bad = _mismatches(case, ours_m, trl_m, shared)
+        assert not bad, f"{case.id}: differ beyond {TOL}: {bad}\n" + _table(
+            ours_m, trl_m
+        )
+
+
 @pytest.mark.parametrize("case", _xfail_known(CASES, KNOWN_GAPS), ids=lambda c: c.id)
 def test_metrics_match_trl(case, models, ours):
     """Every metric both sides report agrees within TOL (those in PADDING_METRICS are

@@ -291,11 +291,15 @@ def build_into(path: Path, blas: str = "") -> None:
         # parameters under their model names: it is the model's weights file.
         adapter_file=str(path / WEIGHTS),
         max_seq_length=64,
+        val_batches=1,
     )
     train(
         model=model,
         optimizer=optim.Adam(learning_rate=schedule),
         train_dataset=CacheDataset(dataset),
+        # mlx-lm < 0.30 requires a validation set (it validates at the first and last step);
+        # scoring one batch changes nothing that is trained.
+        val_dataset=CacheDataset(dataset),
         args=args,
     )
     recipe = {
