@@ -20,14 +20,21 @@ OFF_SWITCH = "MLX_LM_PREF_NO_AUTOPATCH"
 
 
 def activate(module) -> None:
-    """The post-import hook for ``mlx_lm.lora``."""
+    """The post-import hook for ``mlx_lm.lora``. Whatever stops mlx_lm_pref from importing
+    (an mlx-lm outside the supported range, most likely) is one line on stderr, and mlx-lm
+    goes on as upstream: the hook must never break a plain mlx-lm command."""
     try:
         import mlx_lm_pref  # noqa: F401  (importing it applies the patches)
-    except ImportError as error:
-        # mlx_lm_pref.patches.UnsupportedVersionError, by name: the package failed to import.
-        if type(error).__name__ != "UnsupportedVersionError":
-            raise
-        print(f"[mlx_lm_pref] {error} ({OFF_SWITCH}=1 skips this.)", file=sys.stderr)
+    except Exception as error:
+        # mlx_lm_pref.patches.UnsupportedVersionError says it all; anything else is ours.
+        said = (
+            str(error)
+            if type(error).__name__ == "UnsupportedVersionError"
+            else (
+                f"not activated ({type(error).__name__}: {error}); mlx-lm runs as upstream."
+            )
+        )
+        print(f"[mlx_lm_pref] {said} ({OFF_SWITCH}=1 skips this.)", file=sys.stderr)
 
 
 class MlxLmFinder:

@@ -248,6 +248,17 @@ class PreferenceArgs:
         },
     )
 
+    report_metrics: str = field(
+        default="compact",
+        metadata={
+            "help": "What the report lines under mlx-lm's show: compact, the numbers one "
+            "watches (loss, rewards/accuracies, rewards/margins; ORPO's nll_loss and "
+            "log_odds_ratio), or all of them. metrics.jsonl and --report-to get all either "
+            "way.",
+            "choices": ("compact", "all"),
+        },
+    )
+
     head_chunk_size: str = field(
         default="auto",
         metadata={

@@ -75,6 +75,13 @@ class RunGuard:
             "use float32 weights."
         )
 
+    def peek_sums(self):
+        """The sums of the settled steps since the last ``take_sums``, left in place. At a
+        validation every step that ran is settled: mlx-lm validates after drawing the next
+        batch (``watch`` settles the last step before handing it over), and that batch's
+        step has not run (so settling now would be wrong)."""
+        return self.sums
+
     def take_sums(self):
         """``(sums, steps)`` since the last call, the last step included; then reset."""
         self.settle()

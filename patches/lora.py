@@ -26,9 +26,15 @@ from mlx_lm_pref.config import (
     close_match,
     config_defaults,
 )
-from mlx_lm_pref.console import rprint
+from mlx_lm_pref.console import plain_console, rprint
 from mlx_lm_pref.data import DataError, is_preference_row
-from mlx_lm_pref.metrics import METRICS_FILE, append_metrics, format_metrics
+from mlx_lm_pref.metrics import (
+    METRICS_FILE,
+    append_metrics,
+    format_metrics,
+    shown_metrics,
+    summary_lines,
+)
 from mlx_lm_pref.run import PreferenceRun, current_run, running
 from mlx_lm_pref.safety import NonFiniteError
 from mlx_lm_pref.sharing import CHECKPOINTING
@@ -97,14 +103,18 @@ def run(wrapped, instance, args, kwargs):
                 delattr(ns, name)
         return wrapped(*args, **kwargs)
     check_run(options, ns)
-    with running(PreferenceRun(options)) as preference_run:
+    with running(PreferenceRun(options)) as preference_run, plain_console():
         preference_run.splits = load_datasets_first(ns)
         test_set = preference_dataset_of(preference_run.splits[2])
         if getattr(ns, "test", False) and test_set is not None:
             # --test scores the test split after training with training's reference,
             # which for reference precomputed means scoring it before training too.
             preference_run.scored_alike.append(test_set)
-        return wrapped(*args, **kwargs)
+        result = wrapped(*args, **kwargs)
+        if preference_run.trained:
+            lines = summary_lines(preference_run, ns.adapter_path)
+            rprint("\n".join([f"[mlx_lm_pref] {lines[0]}", *lines[1:]]), flush=True)
+        return result
 
 
 def check_config_keys(ns):
@@ -230,15 +240,33 @@ def load_datasets_first(ns) -> tuple:
 
     try:
         model_path = _download(ns.model)
-        eos = load_config(model_path).get("eos_token_id")
+        config = load_config(model_path)
         tokenizer = load_tokenizer(
             model_path,
             {"trust_remote_code": getattr(ns, "trust_remote_code", False)},
-            eos_token_ids=eos,
+            eos_token_ids=config.get("eos_token_id"),
         )
     except Exception as e:  # what mlx-lm's load would fail on next
         raise ConfigError(f"--model {ns.model}: cannot load it ({e}).") from None
-    return mlx_lm.lora.load_dataset(ns, tokenizer)
+    splits = mlx_lm.lora.load_dataset(ns, tokenizer)
+    check_num_layers(ns, config)
+    return splits
+
+
+def check_num_layers(ns, config: dict) -> None:
+    """mlx-lm's default ``num_layers`` of 16 is more than a small model has; upstream says so
+    with a traceback once the model is loaded."""
+    layers = config.get("num_hidden_layers") or config.get("text_config", {}).get(
+        "num_hidden_layers"
+    )
+    wanted = getattr(ns, "num_layers", None)
+    if not getattr(ns, "train", False):  # --test alone: the adapter's own layers count
+        return
+    if isinstance(layers, int) and isinstance(wanted, int) and wanted > layers:
+        raise ConfigError(
+            f"--num-layers {wanted} (mlx-lm's default is 16) but {ns.model} has {layers} "
+            f"layers: pass --num-layers -1 to train all of them, or at most {layers}."
+        )
 
 
 def load_dataset(wrapped, instance, args, kwargs):
@@ -279,12 +307,19 @@ def evaluate_model(wrapped, instance, args, kwargs):
         result.metrics["num_tokens"] = float(
             preference_run.trained_tokens if trained else 0
         )
-    rprint(f"Test {format_metrics(result.metrics)}")
+    options = (
+        preference_run.options
+        if preference_run
+        else preference_dataset_of(test_set).options
+    )
+    rprint(f"Test {format_metrics(result.metrics, shown_metrics(options))}")
+    iteration = ns.iters if ns.train else 0
     if ns.adapter_path:
-        iteration = ns.iters if ns.train else 0
         append_metrics(
             Path(ns.adapter_path) / METRICS_FILE, "test", iteration, result.metrics
         )
+    if trained:
+        preference_run.reporter.last["test"] = (iteration, result.metrics)
     return result
 
 

@@ -10,6 +10,7 @@ names them explicitly, and fall through to the originals for SFT data.
 """
 
 import inspect
+import time
 from contextlib import nullcontext
 from dataclasses import replace
 from functools import partial
@@ -27,7 +28,7 @@ from mlx_lm_pref.config import ConfigError
 from mlx_lm_pref.console import is_main_rank, log
 from mlx_lm_pref.evaluation import evaluate_preference
 from mlx_lm_pref.head import head_for, resolve_head_chunks
-from mlx_lm_pref.metrics import METRICS_FILE, PreferenceReporter
+from mlx_lm_pref.metrics import METRICS_FILE, PreferenceReporter, shown_metrics
 from mlx_lm_pref.objective import METRICS_ATTRIBUTE, PreferenceLoss, metric_names
 from mlx_lm_pref.precompute import model_fingerprint, precompute_reference
 from mlx_lm_pref.reference import InitialAdapter, check_reference, resolve_reference
@@ -118,6 +119,7 @@ def train(wrapped, instance, args, kwargs):
         model, guard = a["model"], run.guard
         restore_optimizer = skip_nonfinite(a["optimizer"]) if guard.skip else None
         model[METRICS_ATTRIBUTE] = mx.zeros((len(run.loss.metric_names),))
+        tic = time.perf_counter()
         try:
             with guard.ctrl_c_between_steps():
                 return wrapped(*bound.args, **bound.kwargs)
@@ -125,6 +127,7 @@ def train(wrapped, instance, args, kwargs):
             log(f"Interrupted after iteration {guard.iteration}. {guard.on_disk()}")
             raise
         finally:
+            run.train_seconds = time.perf_counter() - tic
             if restore_optimizer:
                 restore_optimizer()
             model.pop(METRICS_ATTRIBUTE, None)
@@ -140,11 +143,11 @@ def start_training(run: PreferenceRun, a: dict) -> None:
         log(f"prompt sharing: {SHARING_NAMES[options.prompt_sharing]}")
     options = resolve_head_chunks(model, options)
     head, tile = head_for(model, options.head_chunk_size)
+    layout = "whole logits"
     if head is not None:
         rows = f"{tile} rows" if tile else "rows sized to each batch"
-        log(
-            f"output layer in tiles of {rows} (vocabulary {head.vocab:,}): no whole logits"
-        )
+        layout = f"output layer in tiles of {rows}"
+        log(f"{layout} (vocabulary {head.vocab:,}): no whole logits")
     initial = None
     if options.needs_reference:
         options = options.replace(reference=resolve_reference(model, options.reference))
@@ -182,8 +185,17 @@ def start_training(run: PreferenceRun, a: dict) -> None:
         skip=options.on_nonfinite == "skip",
     )
     run.reporter = PreferenceReporter(
-        run.guard, names, metrics_path, inner=a["training_callback"]
+        run.guard,
+        names,
+        metrics_path,
+        inner=a["training_callback"],
+        shown=shown_metrics(options),
     )
+    losses = ", ".join(options.loss_type)
+    run.description = f"{options.method} ({losses}, beta {options.beta:g})"
+    if options.needs_reference:
+        run.description += f", reference {options.reference}"
+    run.description += f", prompt_sharing {options.prompt_sharing}, {layout}"
 
 
 SHARING_NAMES = {

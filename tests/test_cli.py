@@ -237,6 +237,31 @@ def test_unsupported_settings_are_refused_before_loading(
     proc = run_cli("lora", "--config", config, "--train", check=False)
     assert proc.returncode == 2 and message in proc.stderr
     assert "Traceback" not in proc.stderr  # a message, not a stack
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert "Loading pretrained model" not in proc.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_num_layers_beyond_the_model_is_one_line_before_loading(tiny_model, tmp_path):
+    """mlx-lm's default of 16 layers on a 2-layer model: upstream's traceback after the
+    load, here one line naming the fix."""
+    data = write_data(tmp_path / "data", n_train=8, n_valid=4)
+    argv = [
+        "lora",
+        "--model",
+        tiny_model,
+        "--data",
+        data,
+        "--train",
+        "--loss-type",
+        "dpo",
+    ]
+    proc = run_cli(*argv, "--adapter-path", tmp_path / "out", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == (
+        f"mlx_lm_pref: error: --num-layers 16 (mlx-lm's default is 16) but {tiny_model} "
+        "has 2 layers: pass --num-layers -1 to train all of them, or at most 2."
+    )
     assert "Loading pretrained model" not in proc.stdout
     assert not (tmp_path / "out").exists()
 
@@ -272,3 +297,62 @@ def test_sft_data_with_dpo_and_preference_data_with_sft(tiny_model, tmp_path):
         proc.returncode != 0
         and "train on them with --loss-type dpo or orpo" in proc.stderr
     )
+
+
+def parse_metrics(text):
+    """``name value  name value`` -> {name: float}."""
+    words = text.split()
+    return {k: float(v.replace(",", "")) for k, v in zip(words[::2], words[1::2])}
+
+
+@pytest.mark.parametrize("loss_type,shown", [("dpo", "compact"), ("orpo", "all")])
+def test_reports_are_short_plain_and_end_with_a_summary(
+    tiny_model, tmp_path, loss_type, shown
+):
+    """Piped output: no escape codes; the report lines hold the headline metrics (all of
+    them with --report-metrics all) within 120 columns; validation counts the tokens of
+    every step before it (as TRL); the summary block names the adapter and repeats the
+    last record of each split in metrics.jsonl."""
+    data = write_data(tmp_path / "data")
+    adapters = tmp_path / "adapters"
+    args = [
+        *TRAIN,
+        "--iters",
+        "20",
+        "--steps-per-report",
+        "10",
+        "--steps-per-eval",
+        "15",
+    ]
+    proc = lora(tiny_model, data, adapters, "--loss-type", loss_type, "--test",
+                "--report-metrics", shown, *args)  # fmt: skip
+    assert "\x1b" not in proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    reports = [
+        l for l in lines if l.startswith(("        train ", "        val ", "Test "))
+    ]
+    assert len(reports) == 2 + 3 + 1  # train at 10, 20; val at 0, 14, 19; test
+    for line in reports:
+        assert len(line) <= 120 or shown == "all", line
+        assert ("logps/chosen" in line) == (shown == "all"), line
+        assert "rewards/margins" in line and ("nll_loss" in line) == (
+            loss_type == "orpo"
+        )
+    records = read_metrics(adapters)
+    if loss_type == "dpo":  # TRL's ORPO has no num_tokens
+        tokens = {(m["split"], m["iteration"]): m["num_tokens"] for m in records}
+        assert tokens[("val", 0)] == 0
+        assert tokens[("train", 10)] < tokens[("val", 14)] < tokens[("train", 20)]
+
+    summary = lines[lines.index("[mlx_lm_pref] run summary") :]
+    assert summary[1].split()[1] == str(adapters / "adapters.safetensors")
+    assert (adapters / "adapters.safetensors").exists()
+    assert summary[3].split()[1:3] == ["20", "iterations,"]
+    last = {m["split"]: m for m in records}
+    for split, iteration in (("train", 20), ("val", 19), ("test", 20)):
+        (row,) = [l for l in summary if l.split()[0] == split]
+        assert row.split()[1] == f"@{iteration}" == f"@{last[split]['iteration']}"
+        printed = parse_metrics(" ".join(row.split()[2:]))
+        assert len(printed) >= 3
+        for name, value in printed.items():
+            assert value == float(f"{last[split][name]:.4g}"), (split, name)

@@ -162,6 +162,10 @@ def test_grad_accumulation_equals_one_batch_of_k_times_b(train_run, method):
     ]
     for x, y in zip(a, b):  # the same numbers, every metric (equal-length pairs)
         for name, value in numbers(x).items():
+            if x["split"] == "val" and name == "num_tokens" and x["iteration"]:
+                # the tokens trained on before that validation: 5 micro-batches of 2 pairs
+                # there, 2 batches of 4 here (mlx-lm validates before the next batch)
+                value *= y["iteration"] / (2 * x["iteration"])
             assert y[name] == pytest.approx(value, rel=1e-5, abs=1e-5), (x, name)
     assert a[-1]["loss"] != a[1]["loss"]  # training moved
     weights = assert_adapters_close(whole, accumulated)
