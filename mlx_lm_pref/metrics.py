@@ -73,6 +73,9 @@ class PreferenceReporter(TrainingCallback):
         self.shown = shown
         self.trained_tokens = 0  # TRL's num_tokens: every real token trained on so far
         self.last = {}  # split -> (iteration, metrics) of its last report
+        self.upstream_tokens = (
+            0  # mlx-lm's own count (every method; TRL's ORPO has none)
+        )
 
     def tokens_so_far(self) -> int:
         """TRL's ``num_tokens`` now: every token trained on, the steps since the last
@@ -99,6 +102,7 @@ class PreferenceReporter(TrainingCallback):
 
     def on_train_loss_report(self, train_info: dict):
         metrics = self._train_metrics()
+        self.upstream_tokens = train_info.get("trained_tokens", self.upstream_tokens)
         self.record("train", train_info["iteration"], metrics)
         if self.inner is not None:
             self.inner.on_train_loss_report({**train_info, **metrics})
@@ -125,7 +129,7 @@ def summary_lines(run, adapter_path: Optional[Path]) -> list:
         lines.append(f"  adapter   {guard.adapter_file} (iteration {guard.saved_at})")
     if adapter_path is not None:
         lines.append(f"  metrics   {Path(adapter_path) / METRICS_FILE}")
-    seconds, tokens = run.train_seconds or float("nan"), reporter.trained_tokens
+    seconds, tokens = run.train_seconds or float("nan"), int(reporter.upstream_tokens)
     lines.append(
         f"  trained   {guard.iteration} iterations, {tokens:,} tokens in {seconds:.1f} s "
         f"({tokens / seconds:,.0f} tokens/s, validation included)"

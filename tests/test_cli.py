@@ -348,6 +348,7 @@ def test_reports_are_short_plain_and_end_with_a_summary(
     assert summary[1].split()[1] == str(adapters / "adapters.safetensors")
     assert (adapters / "adapters.safetensors").exists()
     assert summary[3].split()[1:3] == ["20", "iterations,"]
+    assert int(summary[3].split()[3].replace(",", "")) > 0  # tokens (ORPO too)
     last = {m["split"]: m for m in records}
     for split, iteration in (("train", 20), ("val", 19), ("test", 20)):
         (row,) = [l for l in summary if l.split()[0] == split]
