@@ -73,9 +73,9 @@ class PreferenceReporter(TrainingCallback):
         self.shown = shown
         self.trained_tokens = 0  # TRL's num_tokens: every real token trained on so far
         self.last = {}  # split -> (iteration, metrics) of its last report
-        self.upstream_tokens = (
-            0  # mlx-lm's own count (every method; TRL's ORPO has none)
-        )
+        # mlx-lm's own count of the tokens trained on (every method; TRL's ORPO has no
+        # num_tokens): the summary's
+        self.upstream_tokens = 0
 
     def tokens_so_far(self) -> int:
         """TRL's ``num_tokens`` now: every token trained on, the steps since the last
