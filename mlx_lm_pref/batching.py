@@ -18,6 +18,16 @@ splits across ranks).
 Evaluation (``iterate_eval_batches``) follows TRL's evaluation loop instead: consecutive pairs
 in dataset order, the last batch smaller when the pairs do not divide into batches.
 
+KTO batches (``data.Example`` rows) use the same layout: rows ``[0, B)`` are the rows
+themselves and ``[B, 2B)`` their KL rows (the same prompt, another row's completion), so
+prompt sharing runs each prompt once for both; without a KL term (``apo_zero_unpaired``) the
+batch holds the B rows alone. ``labels`` (B,) float32 marks the desirable rows (1) and the
+undesirable ones (0). Training batches are consecutive chunks of ``batch_size`` rows in
+dataset order (TRL's sequential sampler: the KL rows of a batch take the completions of the
+same batch; the remainder is left out), the chunks shuffled as mlx-lm shuffles batches; with
+several ranks, rank ``r`` takes the ``r``-th consecutive ``batch_size / size`` rows of a chunk,
+each with its KL row (``data.kl_rotation`` within the whole batch: ``kl_chunk``).
+
 Either way the width is padded to one plus a multiple of 32 (at most ``max_seq_length``) to
 bound recompilation; padding never reaches a loss or a metric.
 
@@ -45,7 +55,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.tuner.datasets import CacheDataset
 
-from .data import PreferenceDataset
+from .data import Example, PreferenceDataset
 
 
 class SharedTokens(NamedTuple):
@@ -57,14 +67,19 @@ class SharedTokens(NamedTuple):
 
 
 class PreferenceBatch(NamedTuple):
-    """One batch of B preference pairs, in either layout (see the module docstring)."""
+    """One batch of B preference pairs (or KTO rows), in either layout (see the module
+    docstring)."""
 
     tokens: Union[mx.array, SharedTokens]
-    spans: mx.array  # (2B, 2)
-    reference: Optional[mx.array] = None  # (2B,)
+    spans: mx.array  # (2B, 2); KTO without a KL term (B, 2)
+    reference: Optional[mx.array] = None  # (2B,), or (B,)
+    labels: Optional[mx.array] = None  # KTO: (B,) float32, 1 desirable, 0 undesirable
 
     @property
     def pairs(self) -> int:
+        """B: the pairs, or the KTO rows."""
+        if self.labels is not None:
+            return self.labels.shape[0]
         return self.spans.shape[0] // 2
 
     @property
@@ -76,6 +91,13 @@ class PreferenceBatch(NamedTuple):
         total = self.spans[:, 1].sum()
         if self.shared:  # the continuations' spans start after P
             total = total + 2 * self.tokens.prompt_lengths.sum()
+        return total
+
+    def row_tokens(self) -> mx.array:
+        """KTO: the real tokens of the B rows, not their KL rows (TRL's ``num_tokens``)."""
+        total = self.spans[: self.pairs, 1].sum()
+        if self.shared:
+            total = total + self.tokens.prompt_lengths.sum()
         return total
 
 
@@ -111,15 +133,19 @@ def iterate_preference_batches(
     pairs = preference_dataset_of(dataset)
     if len(pairs) < batch_size:
         raise ValueError(
-            f"{pairs.source}: has {len(pairs)} pairs, fewer than batch_size={batch_size}."
+            f"{pairs.source}: has {len(pairs)} {pairs.unit}, fewer than "
+            f"batch_size={batch_size}."
         )
     offset, step = _ranks(comm_group, batch_size)
-
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i]))
-    batch_idx = [
-        order[i + offset : i + offset + batch_size : step]
-        for i in range(0, len(order) - batch_size + 1, batch_size)
-    ]
+    if pairs.options.method == "kto":
+        pairs.assign_kl(kl_chunk(batch_size))
+        batch_idx = _kto_batches(len(pairs), batch_size, offset, step)
+    else:
+        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i]))
+        batch_idx = [
+            order[i + offset : i + offset + batch_size : step]
+            for i in range(0, len(order) - batch_size + 1, batch_size)
+        ]
     if seed is not None:
         np.random.seed(seed)
     while True:
@@ -128,6 +154,24 @@ def iterate_preference_batches(
             yield (make_batch(batch, max_seq_length, pairs.source, prompt_sharing),)
         if not loop:
             break
+
+
+def kl_chunk(batch_size) -> int:
+    """The chunk KTO's KL rows rotate within, for training, evaluation and precomputing
+    alike: the batch. TRL rotates within each device's batch; rotating within the whole
+    batch gives N ranks the numbers of one process (the ranks' KL rows then come from
+    the same batch's completions, as one process's do)."""
+    return batch_size
+
+
+def _kto_batches(n, batch_size, offset, step):
+    """KTO's training batches: full chunks of ``batch_size`` consecutive rows, rank
+    ``offset`` taking its consecutive ``batch_size / step`` of each."""
+    per_rank = batch_size // step
+    return [
+        list(range(first + offset * per_rank, first + (offset + 1) * per_rank))
+        for first in range(0, n - batch_size + 1, batch_size)
+    ]
 
 
 def eval_batch_count(dataset, batch_size) -> int:
@@ -161,6 +205,11 @@ def iterate_eval_batches(
     """
     pairs = preference_dataset_of(dataset)
     offset, step = _ranks(comm_group, batch_size)
+    if pairs.options.method == "kto":
+        # The KL estimate and the label-conditional metrics are of a whole batch: every
+        # rank evaluates every batch whole.
+        pairs.assign_kl(kl_chunk(batch_size))
+        offset, step = 0, 1
     for first in range(0, len(pairs), batch_size):
         chunk = range(first, min(first + batch_size, len(pairs)))
         batch = [pairs[j] for j in chunk[offset::step]]
@@ -170,19 +219,24 @@ def iterate_eval_batches(
 
 
 def make_batch(batch, max_seq_length, source="data", prompt_sharing="false"):
-    """A ``PreferenceBatch`` of ``batch`` (a list of ``Pair``), in the layout
-    ``prompt_sharing`` asks for, with the pairs' precomputed reference log-probs if any.
+    """A ``PreferenceBatch`` of ``batch`` (a list of ``Pair``, or of ``Example``), in the
+    layout ``prompt_sharing`` asks for, with the precomputed reference log-probs if any.
     """
     collate_batch = collate
-    if prompt_sharing != "false":
+    kto = isinstance(batch[0], Example)
+    halves = not kto or batch[0].kl_sequence is not None
+    if prompt_sharing != "false" and halves:
         ratio = shared_positions(batch, max_seq_length, source)
         if ratio is not None and (prompt_sharing == "true" or ratio <= SHARE_BELOW):
             collate_batch = collate_shared
     tokens, spans = collate_batch(batch, max_seq_length, source)
+    labels = mx.array([e.label for e in batch], mx.float32) if kto else None
     if batch[0].reference is None:
-        return PreferenceBatch(tokens, spans)
-    reference = [p.reference[0] for p in batch] + [p.reference[1] for p in batch]
-    return PreferenceBatch(tokens, spans, mx.array(reference, dtype=mx.float32))
+        return PreferenceBatch(tokens, spans, labels=labels)
+    reference = [p.reference[0] for p in batch]
+    if halves:
+        reference += [p.reference[1] for p in batch]
+    return PreferenceBatch(tokens, spans, mx.array(reference, dtype=mx.float32), labels)
 
 
 def _padded(length):
@@ -203,11 +257,18 @@ def _shared_widths(rows, lengths):
 
 
 def _rows(batch, max_seq_length, source="data"):
-    """The chosen rows then the rejected rows, cut to ``max_seq_length``, and where each
-    row's completion starts."""
-    rows = [p.chosen[:max_seq_length] for p in batch]
-    rows += [p.rejected[:max_seq_length] for p in batch]
-    starts = [p.chosen_start for p in batch] + [p.rejected_start for p in batch]
+    """The chosen rows then the rejected rows (KTO: the rows then their KL rows), cut to
+    ``max_seq_length``, and where each row's completion starts."""
+    if isinstance(batch[0], Example):
+        rows = [e.sequence[:max_seq_length] for e in batch]
+        starts = [e.start for e in batch]
+        if batch[0].kl_sequence is not None:
+            rows += [e.kl_sequence[:max_seq_length] for e in batch]
+            starts += starts
+    else:
+        rows = [p.chosen[:max_seq_length] for p in batch]
+        rows += [p.rejected[:max_seq_length] for p in batch]
+        starts = [p.chosen_start for p in batch] + [p.rejected_start for p in batch]
     # Token 0 has no prefix to predict it from, so a completion can start at 1 at the
     # earliest (a prompt-less row without BOS loses its first token, as in TRL).
     starts = [max(start, 1) for start in starts]

@@ -2,14 +2,16 @@
 
 Each field becomes ``--field-name`` on ``mlx_lm.lora``'s parser and ``field_name`` in its
 ``CONFIG_DEFAULTS`` (so a YAML config may set it). Names and defaults are TRL 1.16's
-(``DPOConfig``, ``ORPOConfig``, ``CPOConfig``). Values are checked in ``__post_init__`` for
+(``DPOConfig``, ``ORPOConfig``, ``CPOConfig``, ``KTOConfig``). Values are checked in ``__post_init__`` for
 both paths, because YAML values never pass through argparse.
 
 ``loss_type`` picks the trainer and, for DPO, TRL's loss names:
 - ``sft`` (default): mlx-lm's own SFT loss, untouched;
 - ``dpo`` (= ``sigmoid``) or any TRL DPO loss name, or a list of them combined with
   ``loss_weights`` (RPO = ``[sigmoid, sft]``); inside a list ``sft`` is TRL's DPO ``sft`` term;
-- ``orpo``; ``cpo`` (with ``cpo_loss_type``), ``simpo`` and ``alphapo`` (TRL's CPO sugar).
+- ``orpo``; ``cpo`` (with ``cpo_loss_type``), ``simpo`` and ``alphapo`` (TRL's CPO sugar);
+- ``kto`` or ``apo_zero_unpaired``: TRL's ``KTOTrainer`` on unpaired rows (a completion and a
+  boolean label each; paired rows are unpaired as TRL does).
 """
 
 import argparse
@@ -35,7 +37,8 @@ DPO_LOSSES = (
     "sigmoid_norm",
     "cdpo",
 )
-LOSS_TYPES = ("sft", "dpo", "orpo", "cpo", "simpo", "alphapo")
+KTO_LOSSES = ("kto", "apo_zero_unpaired")
+LOSS_TYPES = ("sft", "dpo", "orpo", "cpo", "simpo", "alphapo") + KTO_LOSSES
 LOSS_TYPES += tuple(n for n in DPO_LOSSES if n != "sft")
 CPO_LOSSES = ("sigmoid", "hinge", "ipo", "simpo")
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
@@ -116,14 +119,15 @@ class PreferenceArgs:
         metadata={
             "help": "sft (mlx-lm's own loss, untouched), dpo (= sigmoid) or any TRL DPO loss "
             f"({', '.join(DPO_LOSSES)}), a comma-separated list of DPO losses combined "
-            "with --loss-weights, orpo, cpo, simpo or alphapo.",
+            "with --loss-weights, orpo, cpo, simpo, alphapo, or kto / apo_zero_unpaired "
+            "(TRL's KTOTrainer: unpaired rows with a boolean label).",
         },
     )
     beta: float = field(
         default=0.1,
         metadata={
-            "help": "DPO: KL-penalty strength (IPO's tau). ORPO: weight of the odds-ratio "
-            "term. CPO/SimPO: inverse temperature."
+            "help": "DPO and KTO: KL-penalty strength (IPO's tau). ORPO: weight of the "
+            "odds-ratio term. CPO/SimPO: inverse temperature."
         },
     )
     loss_weights: Optional[Tuple[float, ...]] = field(
@@ -197,6 +201,19 @@ class PreferenceArgs:
             "log-probs."
         },
     )
+    desirable_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "KTO: weight of the losses of desirable rows (label true), to balance "
+            "unequal numbers of desirable and undesirable rows."
+        },
+    )
+    undesirable_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "KTO: weight of the losses of undesirable rows (label false)."
+        },
+    )
     truncation_mode: str = field(
         default="keep_start",
         metadata={
@@ -252,7 +269,7 @@ class PreferenceArgs:
         default="compact",
         metadata={
             "help": "What the report lines under mlx-lm's show: compact, the numbers one "
-            "watches (loss, rewards/accuracies, rewards/margins; ORPO's nll_loss and "
+            "watches (loss, KTO's kl, rewards/accuracies, rewards/margins; ORPO's nll_loss and "
             "log_odds_ratio), or all of them. metrics.jsonl and --report-to get all either "
             "way.",
             "choices": ("compact", "all"),
@@ -298,7 +315,7 @@ class PreferenceArgs:
                 set_("cpo_alpha", 0.0)
             names = ("cpo",)
         if self.rpo_alpha is not None:
-            if set(names) & {"orpo", "cpo"} or names == ("sft",):
+            if set(names) & {"orpo", "cpo", *KTO_LOSSES} or names == ("sft",):
                 raise ConfigError("rpo_alpha applies to DPO loss types only.")
             weights = self.loss_weights or (1.0,) * len(names)
             names, weights = names + ("sft",), weights + (float(self.rpo_alpha),)
@@ -308,8 +325,16 @@ class PreferenceArgs:
 
     def _validate(self):
         names, method = self.loss_type, self.method
-        if method in ("orpo", "cpo") and len(names) > 1:
-            raise ConfigError(f"loss_type {method} cannot be combined with {names}.")
+        if method in ("orpo", "cpo", "kto") and len(names) > 1:
+            raise ConfigError(
+                f"loss_type {names[0]} cannot be combined with {list(names[1:])}."
+            )
+        if set(names) & set(KTO_LOSSES) and method != "kto":
+            raise ConfigError(
+                f"loss_type {'/'.join(KTO_LOSSES)} trains on unpaired rows and cannot "
+                f"follow other loss types ({list(names)})."
+            )
+        self._validate_kto()
         if not self.beta > 0:
             raise ConfigError(f"beta must be > 0, got {self.beta}.")
         if self.loss_weights is not None and len(self.loss_weights) != len(names):
@@ -344,14 +369,51 @@ class PreferenceArgs:
         if self.cpo_alpha < 0:
             raise ConfigError(f"cpo_alpha must be >= 0, got {self.cpo_alpha}.")
 
+    def _validate_kto(self):
+        """KTO's own weights; the DPO-only options are refused rather than ignored."""
+        for name in ("desirable_weight", "undesirable_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if self.method != "kto":
+            return
+        if self.desirable_weight == 0 and self.undesirable_weight == 0:
+            raise ConfigError(
+                "desirable_weight and undesirable_weight are both 0: nothing to train."
+            )
+        dpo_only = {
+            "loss_weights": self.loss_weights is not None,
+            "label_smoothing": self.label_smoothing != 0.0,
+            "f_divergence_type": self.f_divergence_type != "reverse_kl",
+            "ld_alpha": self.ld_alpha is not None,
+            "use_weighting": self.use_weighting,
+        }
+        for name, set_ in dpo_only.items():
+            if set_:
+                raise ConfigError(
+                    f"{name} is a DPO option; TRL's KTOTrainer has no such option "
+                    f"(loss_type {self.loss_type[0]}). Remove it."
+                )
+        if self.truncation_mode != "keep_start":
+            raise ConfigError(
+                f"truncation_mode {self.truncation_mode}: TRL's KTOTrainer cuts rows "
+                "longer than max_seq_length from the right only (keep_start). Remove it."
+            )
+
     @property
     def method(self) -> str:
-        """'sft' (mlx-lm's own), 'dpo', 'orpo' or 'cpo'."""
+        """'sft' (mlx-lm's own), 'dpo', 'orpo', 'cpo' or 'kto'."""
         if self.loss_type == ("sft",):
             return "sft"
         if self.loss_type[0] in ("orpo", "cpo"):
             return self.loss_type[0]
+        if self.loss_type[0] in KTO_LOSSES:
+            return "kto"
         return "dpo"
+
+    @property
+    def kl_term(self) -> bool:
+        """KTO's KL estimate from mismatched rows (every KTO loss but apo_zero_unpaired)."""
+        return self.loss_type == ("kto",)
 
     @property
     def is_preference(self) -> bool:
@@ -359,7 +421,7 @@ class PreferenceArgs:
 
     @property
     def needs_reference(self) -> bool:
-        return self.method == "dpo"
+        return self.method in ("dpo", "kto")
 
     @property
     def weights(self) -> Tuple[float, ...]:

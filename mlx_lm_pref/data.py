@@ -35,12 +35,24 @@ ORPO and CPO (``tokenize_row``/``build_tokenized_answer`` of ``trl.experimental.
   prompt alone fills the window (its completion is empty and its loss NaN); here such pairs are
   dropped and counted, as for DPO.
 
+KTO (``KTOTrainer._prepare_dataset`` and ``DataCollatorForUnpairedPreference``) trains on
+unpaired rows ``{"prompt", "completion", "label"}`` (``label`` true for a desirable completion,
+false for an undesirable one), standard or conversational. Paired rows are unpaired as TRL's
+``unpair_preference_dataset`` does (the prompt extracted first when implicit): per block of
+``UNPAIR_BLOCK`` pairs, every chosen completion (label true), then every rejected one. Each row
+is tokenized as one DPO side (EOS appended to standard completions; the completion starts where
+prompt and prompt+completion diverge); a row whose prompt alone reaches ``max_seq_length`` is
+dropped and counted, the others are cut to ``max_seq_length``. The KL rows (``assign_kl``) pair
+each row's prompt with the completion of the row before it within consecutive chunks of the
+batch size (the first row of a chunk takes the last row's), as TRL's
+``add_kl_completion_ids``, and are cut the same way.
+
 Every row is checked before anything is tokenized; a bad row raises ``DataError`` naming the
 source (file), the line and the field.
 """
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -81,6 +93,26 @@ class Pair:
             "before binding mlx-lm functions by name (`from mlx_lm.tuner.trainer import "
             "train` done earlier keeps the original), or call them as module attributes."
         )
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenized unpaired (KTO) row: ``sequence`` is prompt + completion, the completion
+    ``sequence[start:]``; ``kl_sequence`` is the same prompt followed by another row's
+    completion (its completion also from ``start``), None until ``assign_kl`` or without a KL
+    term. ``reference`` holds precomputed reference log-probs ``(row, KL row)``, if any.
+    """
+
+    sequence: List[int]
+    start: int
+    label: bool
+    kl_sequence: Optional[List[int]] = None
+    reference: Optional[Tuple[float, float]] = None
+
+    def __len__(self):
+        return max(len(self.sequence), len(self.kl_sequence or ()))
+
+    __getitem__ = Pair.__getitem__
 
 
 def is_preference_row(row) -> bool:
@@ -126,7 +158,11 @@ def extract_prompt(chosen, rejected) -> tuple:
 
 FIELDS = ("prompt", "chosen", "rejected", "tools", "chat_template_kwargs")
 ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
-COLUMNS = {name: name for name in ("prompt", "chosen", "rejected")}
+COLUMNS = {name: name for name in ("prompt", "chosen", "rejected", "completion")}
+KTO_FIELDS = ("prompt", "completion", "label", "tools", "chat_template_kwargs")
+# datasets.Dataset.map's default batch_size: the block TRL's unpair_preference_dataset puts
+# every chosen completion of, then every rejected one.
+UNPAIR_BLOCK = 1000
 
 
 def _check_row(row, where: str, columns=COLUMNS) -> tuple:
@@ -147,7 +183,9 @@ def _check_row(row, where: str, columns=COLUMNS) -> tuple:
                 f"{where}: field '{key}' is not a preference field; did you mean "
                 f"'{guess}'?"
             )
-    prompt_key, chosen_key, rejected_key = (columns[k] for k in COLUMNS)
+    prompt_key, chosen_key, rejected_key = (
+        columns[k] for k in ("prompt", "chosen", "rejected")
+    )
     for key in (chosen_key, rejected_key):
         if key not in row:
             raise DataError(
@@ -169,6 +207,40 @@ def _check_row(row, where: str, columns=COLUMNS) -> tuple:
     for key in ("tools", "chat_template_kwargs"):
         _check_extra(row.get(key), key, where)
     return prompt, chosen, rejected, conversational
+
+
+def _check_unpaired_row(row, where: str, columns=COLUMNS) -> tuple:
+    """Validate one unpaired row and return ``(prompt, completion, label, conversational)``."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}.")
+    known = [columns.get(f, f) for f in KTO_FIELDS]
+    for key in row:
+        guess = close_match(key, known) if key not in known else None
+        if guess:
+            raise DataError(
+                f"{where}: field '{key}' is not a KTO field; did you mean '{guess}'?"
+            )
+    prompt_key, completion_key = columns["prompt"], columns["completion"]
+    for key in (prompt_key, completion_key, "label"):
+        if key not in row:
+            raise DataError(
+                f"{where}: field '{key}' is missing (found {sorted(map(str, row))}); KTO "
+                f"rows need '{prompt_key}', '{completion_key}' and 'label' (or preference "
+                "pairs with 'chosen' and 'rejected', which are unpaired)."
+            )
+    label = row["label"]
+    if not isinstance(label, bool):
+        hint = " (a string: write it without quotes)" if isinstance(label, str) else ""
+        raise DataError(
+            f"{where}: field 'label' must be true (desirable) or false (undesirable), got "
+            f"{label!r}{hint}."
+        )
+    conversational = _is_messages(row[prompt_key])
+    _check_field(row[prompt_key], prompt_key, conversational, where)
+    _check_field(row[completion_key], completion_key, conversational, where)
+    for key in ("tools", "chat_template_kwargs"):
+        _check_extra(row.get(key), key, where)
+    return row[prompt_key], row[completion_key], label, conversational
 
 
 def _check_extra(value, key, where):
@@ -305,6 +377,90 @@ def tokenize_dpo(tokenizer, prompt, chosen, rejected, conversational, row) -> Pa
     return Pair(chosen_ids, rejected_ids, start, start)
 
 
+def tokenize_kto(tokenizer, prompt, completion, label, conversational, row) -> Example:
+    """TRL 1.16 ``KTOTrainer._prepare_dataset``'s tokenization (no truncation): one side of
+    ``tokenize_dpo``."""
+    hf = _hf(tokenizer)
+    if conversational:
+        apply, tools, kwargs = _template_args(tokenizer, row)
+
+        def encode(messages, **extra):
+            return _ids(
+                apply(
+                    messages,
+                    tools=tools,
+                    tokenize=True,
+                    return_dict=False,
+                    **extra,
+                    **kwargs,
+                )
+            )
+
+        prompt_ids = encode(prompt, add_generation_prompt=True)
+        sequence = encode(prompt + completion)
+    else:
+        eos = hf.eos_token
+        completion = completion if completion.endswith(eos) else completion + eos
+        prompt_ids = _ids(hf(prompt))
+        sequence = _ids(hf(prompt + completion))
+    return Example(sequence, common_prefix_length(prompt_ids, sequence), label)
+
+
+def unpair(pairs: list) -> list:
+    """TRL's ``unpair_preference_dataset`` on checked pairs ``(where, row, (prompt, chosen,
+    rejected, conversational))``: ``(where, row, (prompt, completion, label,
+    conversational))``, per block of ``UNPAIR_BLOCK`` pairs the chosen sides first."""
+    out = []
+    for first in range(0, len(pairs), UNPAIR_BLOCK):
+        block = pairs[first : first + UNPAIR_BLOCK]
+        for side, label in ((1, True), (2, False)):
+            for where, row, checked in block:
+                prompt, conversational = checked[0], checked[3]
+                out.append((where, row, (prompt, checked[side], label, conversational)))
+    return out
+
+
+def kl_rotation(n: int, chunk: int) -> List[int]:
+    """For each of ``n`` rows, the row whose completion its KL row takes: the one before it
+    within its chunk of ``chunk`` consecutive rows, the chunk's last for its first (TRL's
+    ``add_kl_completion_ids``, a ``map`` with ``batch_size=chunk``)."""
+    other = []
+    for first in range(0, n, chunk):
+        last = min(first + chunk, n) - 1
+        other += [last] + list(range(first, last))
+    return other
+
+
+def label_balance(dataset, options) -> List[str]:
+    """What to say of a KTO training set's labels: a set with one label only (TRL trains on
+    it; no margin can be reported), and TRL's advice (KTO paper, eq. 8) when the weights are
+    outside the range its label counts suggest."""
+    labels = dataset.labels
+    desirable = sum(labels)
+    undesirable = len(labels) - desirable
+    lines = [
+        f"{dataset.source}: {desirable} desirable and {undesirable} undesirable rows "
+        f"(weights {options.desirable_weight:g} and {options.undesirable_weight:g})."
+    ]
+    if not desirable or not undesirable:
+        lines.append(
+            f"{dataset.source}: every row is {'un' if not desirable else ''}desirable: "
+            "KTO trains on it (as TRL), but rewards/margins is never reported."
+        )
+    n_d, n_u = max(desirable, 1), max(undesirable, 1)  # TRL's own arithmetic
+    if n_d != n_u:
+        w_d, w_u = options.desirable_weight, options.undesirable_weight
+        d_low, d_high = round(n_u * w_u / n_d, 2), round(n_u * w_u / n_d * 1.33, 2)
+        u_low, u_high = round(n_d * w_d / n_u / 1.33, 2), round(n_d * w_d / n_u, 2)
+        if not (d_low <= w_d <= d_high or u_low <= w_u <= u_high):
+            lines.append(
+                "the desirable/undesirable weights are outside the range the label "
+                f"counts suggest (TRL's advice): desirable_weight in [{d_low}, {d_high}] "
+                f"or undesirable_weight in [{u_low}, {u_high}], not both."
+            )
+    return lines
+
+
 def render_conversation(tokenizer, prompt, chosen, rejected, row) -> tuple:
     """TRL's ``maybe_apply_chat_template`` on a preference row: ``(prompt, chosen, rejected)``
     as text. The prompt ends with the generation prompt (last message from user or tool) or
@@ -414,7 +570,7 @@ TOKENIZERS = {"dpo": tokenize_dpo, "orpo": tokenize_orpo, "cpo": tokenize_orpo}
 class PreferenceDataset:
     """Checked and tokenized preference pairs, in mlx-lm's dataset protocol.
 
-    ``dataset[i]`` is a ``Pair`` and ``process`` is the identity, so mlx-lm's ``CacheDataset``
+    ``dataset[i]`` is a ``Pair`` (KTO: an ``Example``) and ``process`` is the identity, so mlx-lm's ``CacheDataset``
     can wrap it like any other dataset. ``options`` are the ones the pairs were tokenized
     with. Pairs keep the order of the rows (less the dropped ones).
     """
@@ -431,17 +587,20 @@ class PreferenceDataset:
     ):
         self.options = options
         self.source = source
+        self.max_seq_length = max_seq_length
         method = options.method
-        if method not in TOKENIZERS:
+        if method not in TOKENIZERS and method != "kto":
             raise ValueError(
                 f"loss_type {options.loss_type} does not train on preference pairs."
             )
-        tokenize = TOKENIZERS[method]
         columns = {**COLUMNS, **(columns or {})}
+        # KTO reads unpaired rows, or pairs (unpaired below) when the first row is one.
+        paired = method != "kto" or (len(rows) > 0 and is_preference_row(rows[0]))
+        check = _check_row if paired else _check_unpaired_row
         checked, seen = [], set()
         for i, row in enumerate(rows):
             where = f"{source}:{lines[i] if lines else i + 1}"
-            checked.append((where, row, _check_row(row, where, columns)))
+            checked.append((where, row, check(row, where, columns)))
             seen.update(map(str, row))
             if checked[-1][2][3] != checked[0][2][3]:
                 kinds = {True: "conversational", False: "standard"}
@@ -452,12 +611,35 @@ class PreferenceDataset:
         self._pairs = []
         self.dropped = 0
         self.identical = 0
-        for where, row, (prompt, chosen, rejected, conversational) in checked:
+        self.paired = paired
+        self.unit = "rows" if method == "kto" else "pairs"
+        total = len(checked)
+        if paired:
+            checked = self._without_identical(checked)
+        if method == "kto":
+            checked = unpair(checked) if paired else checked
+            self._tokenize_unpaired(checked, tokenizer)
+        else:
+            self._tokenize_pairs(checked, tokenizer)
+        self._report(total, len(checked), columns, seen)
+
+    def _without_identical(self, checked):
+        """Count the pairs whose chosen equals rejected, and drop them if asked to."""
+        kept = []
+        for item in checked:
+            prompt, chosen, rejected, _ = item[2]
             if chosen == rejected:
                 # No preference to learn (DPO's gradient cancels); TRL trains on them.
                 self.identical += 1
-                if options.identical_pairs == "drop":
+                if self.options.identical_pairs == "drop":
                     continue
+            kept.append(item)
+        return kept
+
+    def _tokenize_pairs(self, checked, tokenizer):
+        method, max_seq_length = self.options.method, self.max_seq_length
+        tokenize = TOKENIZERS[method]
+        for where, row, (prompt, chosen, rejected, conversational) in checked:
             try:
                 pair = tokenize(
                     tokenizer, prompt, chosen, rejected, conversational, row
@@ -465,16 +647,59 @@ class PreferenceDataset:
             except DataError as e:
                 raise DataError(f"{where}: {e}") from None
             if max_seq_length is not None:
-                pair = truncate(pair, max_seq_length, method, options.truncation_mode)
+                pair = truncate(
+                    pair, max_seq_length, method, self.options.truncation_mode
+                )
                 if pair is None:
                     self.dropped += 1
                     continue
             self._pairs.append(pair)
-        self._report(len(checked), max_seq_length, columns, seen)
 
-    def _report(self, rows, max_seq_length, columns, seen):
+    def _tokenize_unpaired(self, checked, tokenizer):
+        """KTO's rows, cut to ``max_seq_length`` as TRL's collator; ``_completions`` keeps
+        each row's whole completion for the KL rows."""
+        cut = self.max_seq_length
+        self._completions = []
+        for where, row, (prompt, completion, label, conversational) in checked:
+            example = tokenize_kto(
+                tokenizer, prompt, completion, label, conversational, row
+            )
+            if cut is not None and example.start >= cut:
+                self.dropped += 1
+                continue
+            self._completions.append(example.sequence[example.start :])
+            self._pairs.append(replace(example, sequence=example.sequence[:cut]))
+        self.kl_chunk = None
+
+    def assign_kl(self, chunk: int) -> None:
+        """Give every row its KL row (``kl_rotation`` within chunks of ``chunk`` rows, the
+        batch size), for ``loss_type: kto``; nothing for a loss without the KL
+        term. Kept while ``chunk`` stays the same (with any precomputed references)."""
+        if not self.options.kl_term or self.kl_chunk == chunk:
+            return
+        others = kl_rotation(len(self._pairs), chunk)
+        self._pairs = [
+            replace(
+                e,
+                kl_sequence=(e.sequence[: e.start] + self._completions[j])[
+                    : self.max_seq_length
+                ],
+                reference=None,
+            )
+            for e, j in zip(self._pairs, others)
+        ]
+        self.kl_chunk = chunk
+
+    @property
+    def labels(self) -> List[bool]:
+        """KTO: each row's label."""
+        return [e.label for e in self._pairs]
+
+    def _report(self, rows, tokenized, columns, seen):
         """Say once what was dropped, kept alike or not read; refuse a dataset that has
-        nothing to learn from."""
+        nothing to learn from. ``rows``: the rows read (pairs when paired); ``tokenized``:
+        those that were tokenized (KTO: unpaired)."""
+        max_seq_length = self.max_seq_length
         if rows and self.identical == rows:
             raise DataError(
                 f"{self.source}: all {rows} pairs have chosen identical to rejected: there "
@@ -489,15 +714,16 @@ class PreferenceDataset:
                 if alike
                 else "every prompt alone reaches "
             )
+            unit = "pair" if self.paired else "row"
             raise DataError(
-                f"{self.source}: no pair is left of {rows}: {why}"
+                f"{self.source}: no {unit} is left of {rows}: {why}"
                 f"max_seq_length={max_seq_length}. Raise max_seq_length or shorten the "
                 "prompts."
             )
         if self.dropped:
             log(
-                f"{self.source}: dropped {self.dropped} of {rows} pairs whose prompt "
-                f"alone reaches max_seq_length={max_seq_length}."
+                f"{self.source}: dropped {self.dropped} of {tokenized} {self.unit} whose "
+                f"prompt alone reaches max_seq_length={max_seq_length}."
             )
         if self.identical:
             done = "dropped" if self.options.identical_pairs == "drop" else "kept"
@@ -505,11 +731,14 @@ class PreferenceDataset:
                 f"{self.source}: {self.identical} of {rows} pairs have chosen identical "
                 f"to rejected ({done}; identical_pairs: keep|drop)."
             )
-        used = {columns.get(f, f) for f in FIELDS}
+        if not self.paired:
+            used = {columns.get(f, f) for f in KTO_FIELDS}
+        else:
+            used = {columns.get(f, f) for f in FIELDS}
         ignored = sorted(seen - used)
         if ignored:
             hint = ""
-            if columns["prompt"] not in seen:
+            if self.paired and columns["prompt"] not in seen:
                 hint = (
                     f" (no '{columns['prompt']}' column: the prompt is the shared start "
                     "of chosen and rejected; prompt_feature: NAME reads it from a column)"
@@ -525,9 +754,14 @@ class PreferenceDataset:
         joined._pairs = [p for d in datasets for p in d._pairs]
         joined.dropped = sum(d.dropped for d in datasets)
         joined.identical = sum(d.identical for d in datasets)
+        for name in ("max_seq_length", "paired", "unit"):
+            setattr(joined, name, getattr(datasets[0], name))
+        if joined.options.method == "kto":
+            joined._completions = [c for d in datasets for c in d._completions]
+            joined.kl_chunk = None
         return joined
 
-    def __getitem__(self, idx: int) -> Pair:
+    def __getitem__(self, idx: int):
         return self._pairs[idx]
 
     def __len__(self):

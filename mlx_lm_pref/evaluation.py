@@ -1,6 +1,7 @@
 """mlx-lm's ``evaluate`` for preference data, averaged as TRL's ``evaluate()``.
 
-Each metric is the mean of its per-batch values; the loss is weighted by pairs. Distributed,
+Each metric is the mean of its per-batch values (KTO's label-conditional ones over the batches
+that hold that label); the loss is weighted by pairs (rows). Distributed,
 the i-th batch of every rank is part of the same global batch i (see
 ``batching.iterate_eval_batches``): the ranks' values are combined per batch index,
 pair-weighted, into that global batch's value before the mean over batches, so a metric that
@@ -10,6 +11,7 @@ is a mean over pairs comes out as in a single process, ragged last batch include
 import mlx.core as mx
 
 from .batching import iterate_eval_batches
+from .metrics import average_metrics
 
 
 class EvalResult(float):
@@ -66,7 +68,7 @@ def evaluate_preference(
     totals = mx.distributed.all_sum(mx.stack(rows), stream=mx.cpu)
     pairs = totals[:, k]
     per_batch = totals[:, :k] / pairs[:, None]
-    metrics = dict(zip(names, per_batch.mean(axis=0).tolist()))
+    metrics = average_metrics(names, per_batch.sum(axis=0).tolist(), count)
     metrics["loss"] = (totals[:, 0].sum() / pairs.sum()).item()
     if "num_tokens" in metrics:
         metrics["num_tokens"] = 0.0

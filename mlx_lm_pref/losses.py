@@ -3,7 +3,7 @@
 Every per-pair input is a (B,) float32 array; every loss returns (B,) per-pair values so the
 caller decides how to reduce. Names and formulas are TRL 1.16's
 (``trl/trainer/dpo_trainer.py`` ``_compute_loss``, ``trl/experimental/orpo``,
-``trl/experimental/cpo``); each function cites its paper.
+``trl/experimental/cpo``, ``trl/trainer/kto_trainer.py``); each function cites its paper.
 """
 
 import math
@@ -284,3 +284,39 @@ def cpo_losses(
     if loss_type == "ipo":
         return (z - 1 / (2 * beta)) ** 2
     raise ValueError(f"Unknown cpo_loss_type {loss_type!r}.")
+
+
+def kto_losses(
+    logratios: mx.array,
+    desirable: mx.array,
+    kl: mx.array,
+    loss_type: str,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> mx.array:
+    """Per-row KTO losses, weighted, as TRL's ``KTOTrainer``.
+
+    kto (Ethayarajh et al. 2024, eq. 7): 1 - sigma(beta (r - z0)) for a desirable row,
+    1 - sigma(beta (z0 - r)) for an undesirable one, z0 the (clamped) KL estimate;
+    apo_zero_unpaired (D'Oosterlinck et al. 2024, eq. 7 unpaired): 1 - sigma(beta r) and
+    sigma(beta r), no KL term.
+
+    Args:
+        logratios: (B,) r = log pi(y|x) - log pi_ref(y|x), summed over completion tokens.
+        desirable: (B,) float32, 1 for a desirable row, 0 for an undesirable one.
+        kl: scalar z0, without gradient.
+
+    Returns:
+        (B,) ``desirable_weight`` x the desirable losses and ``undesirable_weight`` x the
+        undesirable ones; TRL's loss is their mean.
+    """
+    if loss_type == "kto":
+        good = 1 - mx.sigmoid(beta * (logratios - kl))
+        bad = 1 - mx.sigmoid(beta * (kl - logratios))
+    elif loss_type == "apo_zero_unpaired":
+        good = 1 - mx.sigmoid(beta * logratios)
+        bad = mx.sigmoid(beta * logratios)
+    else:
+        raise ValueError(f"Unknown KTO loss_type {loss_type!r}.")
+    return mx.where(desirable > 0, desirable_weight * good, undesirable_weight * bad)

@@ -21,14 +21,45 @@ from .console import is_main_rank
 METRICS_FILE = "metrics.jsonl"
 
 
-# What a TRL user watches; the report lines show these (those the method has) by default.
+# What a TRL user watches; the report lines show these (those the method has) by default
+# (KTO's kl: the reference point its rewards are judged against).
 COMPACT = (
     "loss",
+    "kl",
     "rewards/accuracies",
     "rewards/margins",
     "nll_loss",
     "log_odds_ratio",
 )
+
+
+# KTO: TRL logs a label-conditional metric only at the steps (evaluation batches) that hold a
+# row of that label, and averages it over those; the hidden flag of each counts them.
+PRESENT_WHEN = {
+    "rewards/chosen": "_chosen",
+    "logps/chosen": "_chosen",
+    "logits/chosen": "_chosen",
+    "rewards/rejected": "_rejected",
+    "logps/rejected": "_rejected",
+    "logits/rejected": "_rejected",
+    "rewards/margins": "_both",
+}
+
+
+def average_metrics(names, sums, count) -> dict:
+    """The named metrics from ``sums`` of their per-step values over ``count`` steps: each
+    the mean over the steps it was logged at (a label-conditional one is left out when no
+    step had it); the hidden ``_`` flags are left out."""
+    total = dict(zip(names, sums))
+    out = {}
+    for name in names:
+        if name.startswith("_"):
+            continue
+        flag = PRESENT_WHEN.get(name)
+        steps = total[flag] if flag in total else count
+        if steps:
+            out[name] = total[name] / steps
+    return out
 
 
 def format_metrics(metrics: dict, names=None) -> str:
@@ -94,7 +125,7 @@ class PreferenceReporter(TrainingCallback):
         sums = mx.concatenate([sums, mx.array([float(steps)])])
         sums = mx.distributed.all_sum(sums, stream=mx.cpu).tolist()
         steps = sums[-1] or float("nan")  # every step skipped: nothing to average
-        metrics = {k: v / steps for k, v in zip(self.names, sums)}
+        metrics = average_metrics(self.names, sums[:-1], steps)
         if "num_tokens" in metrics:
             self.trained_tokens += int(sums[self.names.index("num_tokens")])
             metrics["num_tokens"] = float(self.trained_tokens)

@@ -30,6 +30,7 @@ from .losses import (
     cpo_losses,
     dpo_loss,
     f_divergence_scores,
+    kto_losses,
     log_sigmoid,
     orpo_odds_ratio,
 )
@@ -52,10 +53,16 @@ REWARDS = (
 )
 # TRL 1.16's metric names per trainer. num_tokens is TRL's running count of trained tokens:
 # the reporter sums its per-step values, and evaluation reports the count so far.
+# KTO's label-conditional metrics are logged by TRL only for the steps (batches) holding a row
+# of that label: the hidden ``_``-names flag those (``metrics.average_metrics``).
 METRICS = {
     "dpo": REWARDS + ("entropy", "mean_token_accuracy", "num_tokens"),
     "orpo": REWARDS + ("nll_loss", "log_odds_ratio", "log_odds_chosen"),
     "cpo": REWARDS + ("nll_loss",),
+    "kto": ("loss", "kl")
+    + REWARDS[1:3]
+    + REWARDS[4:]
+    + ("entropy", "num_tokens", "_chosen", "_rejected", "_both"),
 }
 
 
@@ -351,7 +358,97 @@ def cpo_objective(model, batch, o: PreferenceArgs, initial=None):
     return loss, metrics
 
 
-OBJECTIVES = {"dpo": dpo_objective, "orpo": orpo_objective, "cpo": cpo_objective}
+def _across_ranks(x):
+    """``x`` summed over the ranks of a distributed run (TRL gathers KTO's KL estimate and
+    metric sums across processes); itself in a single process."""
+    if mx.distributed.init().size() > 1:
+        return mx.distributed.all_sum(x)
+    return x
+
+
+def kto_objective(model, batch, o: PreferenceArgs, initial=None):
+    """KTO / unpaired APO-zero as TRL's ``KTOTrainer._compute_loss``: each row's log-ratio
+    against the reference, the KL estimate from the KL rows (policy side without gradient),
+    its metrics summed over the rows of every rank and divided by the counts of each label.
+    """
+    B = batch.pairs
+    f = run_model(model, batch, o)
+    completion = span_mask(batch.spans, f.targets.shape[1])
+    stats = f.stats(frozenset({"entropy", "vocab_mean"}))
+    policy = (stats.logps * completion).sum(axis=-1)  # (2B,), or (B,) without KL rows
+    ref = _reference_logps(model, batch, completion, o, initial, after=[stats.logps])
+    chosen = batch.labels
+    rejected = 1 - chosen
+    logratios = policy[:B] - ref[:B]
+    rewards = mx.stop_gradient(o.beta * logratios)
+    rows = completion[:B].astype(mx.float32)
+    token_sums = [
+        (stats.vocab_mean[:B] * rows * chosen[:, None]).sum(),
+        (rows * chosen[:, None]).sum(),
+        (stats.vocab_mean[:B] * rows * rejected[:, None]).sum(),
+        (rows * rejected[:, None]).sum(),
+        (stats.entropy[:B] * rows).sum(),
+        rows.sum(),
+    ]
+    kl_rows = policy[B:] - ref[B:] if o.kl_term else mx.zeros((1,))
+    sums = _across_ranks(
+        mx.stop_gradient(
+            mx.stack(
+                [
+                    kl_rows.sum(),
+                    mx.array(float(kl_rows.shape[0])),
+                    (rewards * chosen).sum(),
+                    chosen.sum(),
+                    (rewards * rejected).sum(),
+                    rejected.sum(),
+                    (policy[:B] * chosen).sum(),
+                    (policy[:B] * rejected).sum(),
+                    *token_sums,
+                ]
+            )
+        )
+    )
+    kl = mx.maximum(sums[0] / sums[1], 0.0) if o.kl_term else mx.array(0.0)
+    losses = kto_losses(
+        logratios,
+        chosen,
+        kl,
+        o.loss_type[0],
+        o.beta,
+        o.desirable_weight,
+        o.undesirable_weight,
+    )
+    loss = losses.mean()
+    n_chosen, n_rejected = sums[3], sums[5]
+    has_chosen = (n_chosen > 0).astype(mx.float32)
+    has_rejected = (n_rejected > 0).astype(mx.float32)
+    chosen_rewards = sums[2] / mx.maximum(n_chosen, 1.0)
+    rejected_rewards = sums[4] / mx.maximum(n_rejected, 1.0)
+    metrics = [
+        loss,
+        kl,
+        chosen_rewards,
+        rejected_rewards,
+        (chosen_rewards - rejected_rewards) * has_chosen * has_rejected,
+        sums[6] / mx.maximum(n_chosen, 1.0),
+        sums[7] / mx.maximum(n_rejected, 1.0),
+        sums[8] / mx.maximum(sums[9], 1.0),
+        sums[10] / mx.maximum(sums[11], 1.0),
+        sums[12] / mx.maximum(sums[13], 1.0),
+        batch.row_tokens().astype(mx.float32),
+        has_chosen,
+        has_rejected,
+        has_chosen * has_rejected,
+    ]
+    return loss, metrics
+
+
+OBJECTIVES = {
+    "dpo": dpo_objective,
+    "orpo": orpo_objective,
+    "cpo": cpo_objective,
+    "kto": kto_objective,
+}
 
 
 def preference_loss(

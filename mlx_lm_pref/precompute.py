@@ -8,8 +8,9 @@ fine-tuning gets a reference without a second copy of the weights.
 The values are cached on disk under ``$MLX_LM_PREF_CACHE`` (default ``~/.cache/mlx_lm_pref``)
 in ``reference/<key>.safetensors``, where the key hashes every weight of the model (adapter
 tensors and scales included), every token id and completion boundary of the pairs (so the
-tokenizer, the data, the truncation and ``max_seq_length``), and the options that change a
-log-prob (``ld_alpha``). Any change recomputes; an unchanged rerun loads.
+tokenizer, the data, the truncation and ``max_seq_length``; for KTO the KL rows too, so the
+per-rank batch size they rotate within), and the options that change a log-prob
+(``ld_alpha``). Any change recomputes; an unchanged rerun loads.
 """
 
 import hashlib
@@ -21,8 +22,9 @@ import numpy as np
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 
-from .batching import iterate_eval_batches
+from .batching import iterate_eval_batches, kl_chunk
 from .console import is_main_rank
+from .data import Example
 from .env import cache_root
 from .objective import sequence_logps_dpo
 from .reference import adapter_layers
@@ -54,8 +56,15 @@ def cache_key(model_hash: str, pairs, options, max_seq_length: int) -> str:
     h.update(CACHE_VERSION)
     h.update(f"{model_hash}:{options.ld_alpha}:{max_seq_length}".encode())
     for p in pairs:
-        h.update(np.asarray(p.chosen + [-1] + p.rejected, np.int32).tobytes())
-        h.update(f"{p.chosen_start},{p.rejected_start};".encode())
+        if isinstance(p, Example):
+            ids, starts = p.sequence + [-1] + (p.kl_sequence or []), f"{p.start}"
+        else:
+            ids, starts = (
+                p.chosen + [-1] + p.rejected,
+                f"{p.chosen_start},{p.rejected_start}",
+            )
+        h.update(np.asarray(ids, np.int32).tobytes())
+        h.update(f"{starts};".encode())
     return h.hexdigest()
 
 
@@ -68,6 +77,8 @@ def precompute_reference(
     Returns ``"loaded"`` or ``"computed"``.
     """
     model_hash = model_hash or model_fingerprint(model)
+    if pairs.options.method == "kto":  # the KL rows, as training will batch them
+        pairs.assign_kl(kl_chunk(batch_size))
     key = cache_key(model_hash, pairs, options, max_seq_length)
     path = cache_root() / "reference" / f"{key}.safetensors"
     if path.exists():
@@ -87,7 +98,8 @@ def precompute_reference(
 
 
 def _score(model, pairs, options, batch_size, max_seq_length) -> np.ndarray:
-    """(N, 2) reference log-probs, chosen and rejected, in dataset order."""
+    """(N, 2) reference log-probs, chosen and rejected (KTO: the row and its KL row, 0
+    without one), in dataset order."""
     was_training = model.training
     model.eval()
     values = []
@@ -99,9 +111,10 @@ def _score(model, pairs, options, batch_size, max_seq_length) -> np.ndarray:
         desc = f"Reference log-probs {pairs.source}"
         quiet = not is_main_rank()  # every rank scores; one bar
         for (batch,) in tqdm(batches, total=total, desc=desc, disable=quiet):
-            logps = sequence_logps_dpo(model, batch, options)
+            logps = np.array(sequence_logps_dpo(model, batch, options))
             b = batch.pairs
-            values.append(np.stack([np.array(logps[:b]), np.array(logps[b:])], axis=1))
+            second = logps[b:] if len(logps) > b else np.zeros(b, np.float32)
+            values.append(np.stack([logps[:b], second], axis=1))
     finally:
         model.train(was_training)
     return np.concatenate(values).astype(np.float32)

@@ -24,7 +24,12 @@ from . import function_wrapper
 
 # What every hf_dataset entry shares with the run (mlx-lm passes each entry as the config).
 RUN_WIDE = tuple(f.name for f in fields(PreferenceArgs)) + ("max_seq_length",)
-FEATURES = ("prompt_feature", "chosen_feature", "rejected_feature")
+FEATURES = (
+    "prompt_feature",
+    "chosen_feature",
+    "rejected_feature",
+    "completion_feature",
+)
 
 
 def options_for(config) -> PreferenceArgs:
@@ -56,7 +61,7 @@ def columns(config) -> dict:
     """mlx-lm's column mapping (``prompt_feature``, ...) for preference rows."""
     return {
         name: getattr(config, f"{name}_feature", None) or name
-        for name in ("prompt", "chosen", "rejected")
+        for name in ("prompt", "chosen", "rejected", "completion")
     }
 
 

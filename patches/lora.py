@@ -225,6 +225,19 @@ def check_run(options, ns):
             f"prompt_sharing true: {CHECKPOINTING}. Set prompt_sharing auto."
         )
     pairs_per_rank = ns.batch_size // mx.distributed.init().size()
+    if options.kl_term and ns.batch_size < 2:
+        raise ConfigError(
+            "loss_type kto estimates its KL term from each row's prompt with another "
+            "row's completion in the same batch: with batch_size 1 it would equal the "
+            "reward (TRL refuses it too). Use --batch-size 2 or more, or --loss-type "
+            "apo_zero_unpaired (no KL term)."
+        )
+    if options.method == "kto" and options.reference == "none":
+        raise ConfigError(
+            f"--reference none with --loss-type {losses}: TRL's KTOTrainer always has a "
+            "reference model. Use --reference auto (or adapters_off, initial_adapter, "
+            "precomputed)."
+        )
     if set(options.loss_type) & {"aot", "aot_unpaired"} and pairs_per_rank < 2:
         raise ConfigError(
             "loss_type aot/aot_unpaired sorts log-ratios across the pairs of a batch: "

@@ -26,6 +26,7 @@ from mlx_lm_pref.batching import (
 )
 from mlx_lm_pref.config import ConfigError
 from mlx_lm_pref.console import is_main_rank, log
+from mlx_lm_pref.data import label_balance
 from mlx_lm_pref.evaluation import evaluate_preference
 from mlx_lm_pref.head import head_for, resolve_head_chunks
 from mlx_lm_pref.metrics import METRICS_FILE, PreferenceReporter, shown_metrics
@@ -158,6 +159,9 @@ def start_training(run: PreferenceRun, a: dict) -> None:
     datasets = [
         preference_dataset_of(d) for d in (a["train_dataset"], a["val_dataset"]) if d
     ]
+    if options.method == "kto":
+        for line in label_balance(datasets[0], options):
+            log(line)
     datasets += [d for d in run.scored_alike if d not in datasets]
     if options.reference == "precomputed":
         model_hash = model_fingerprint(model)
@@ -193,6 +197,10 @@ def start_training(run: PreferenceRun, a: dict) -> None:
     )
     losses = ", ".join(options.loss_type)
     run.description = f"{options.method} ({losses}, beta {options.beta:g})"
+    if options.method == "kto":
+        run.description += (
+            f", weights {options.desirable_weight:g}/{options.undesirable_weight:g}"
+        )
     if options.needs_reference:
         run.description += f", reference {options.reference}"
     run.description += f", prompt_sharing {options.prompt_sharing}, {layout}"

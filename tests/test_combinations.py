@@ -40,8 +40,11 @@ from helpers import (
 pytestmark = pytest.mark.numerics
 
 DPO_LOSSES = ("sigmoid", "sigmoid,sft", "ipo")
+# Losses with a reference model; KTO's cases get the pairs, which it unpairs (as TRL): a
+# batch then holds one label, and its KL rows the other rows' completions.
+REFERENCE_LOSSES = DPO_LOSSES + ("kto",)
 FACTORS = {
-    "loss": ["sigmoid", "sigmoid,sft", "ipo", "orpo", "simpo", "cpo_hinge"],
+    "loss": ["sigmoid", "sigmoid,sft", "ipo", "orpo", "simpo", "cpo_hinge", "kto"],
     "reference": ["auto", "adapters_off", "initial_adapter", "precomputed", "none"],
     "sharing": ["auto", "true", "false"],
     "prompts": ["short", "long"],
@@ -64,14 +67,17 @@ REFUSED = [
     (dict(fine_tune="full", reference="adapters_off"), "full fine-tuning has none"),
     (dict(fine_tune="full", reference="initial_adapter"), "full fine-tuning has none"),
     (dict(checkpoint=True, sharing="true"), "gradient checkpointing"),
+    (dict(loss="kto", reference="none"), "always has a reference model"),
 ]
 
 
 def valid(case) -> bool:
     """What the product trains (REFUSED has one example of each rule broken)."""
-    reference_free = case["loss"] not in DPO_LOSSES
+    reference_free = case["loss"] not in REFERENCE_LOSSES
     if reference_free and case["reference"] not in ("auto", "initial_adapter"):
         return False  # initial_adapter: resumed from an adapter, no --reference
+    if case["loss"] == "kto" and case["reference"] == "none":
+        return False
     if case["fine_tune"] == "full" and case["reference"] in (
         "adapters_off",
         "initial_adapter",
@@ -217,13 +223,12 @@ def command(case, root) -> list:
         args += ["--loss-type", "cpo", "--cpo-loss-type", "hinge"]
     else:
         args += ["--loss-type", loss]
-    dpo = loss in DPO_LOSSES
     if case["reference"] == "initial_adapter" and case["fine_tune"] != "full":
         args += [
             "--resume-adapter-file",
             RESUME[case["fine_tune"]],
         ]
-        if dpo:
+        if loss in REFERENCE_LOSSES:
             args += ["--reference", "initial_adapter"]
     elif case["reference"] != "auto":
         args += ["--reference", case["reference"]]
@@ -423,7 +428,10 @@ def test_case_trains_and_equals_its_twin(outcomes, case):
         assert first["rewards/margins"] == 0.0
         if case["loss"] == "sigmoid":
             assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
-    precomputed = case["loss"] in DPO_LOSSES and (
+    if case["loss"] == "kto" and fresh_reference:
+        # every log-ratio and the KL estimate are 0: each row's loss is 1 - sigma(0)
+        assert first["loss"] == pytest.approx(0.5, abs=1e-6) and first["kl"] == 0.0
+    precomputed = case["loss"] in REFERENCE_LOSSES and (
         case["reference"] == "precomputed"
         or (case["reference"] == "auto" and case["fine_tune"] == "full")
     )

@@ -35,9 +35,12 @@ from . import task
 #   held-out success after ORPO, measured on both builds (mlx's bundled BLAS / OpenBLAS):
 #   beta=1: 100% / 65.7%; beta=2: 100% / 91.4%. beta=2 gives the odds-ratio term the
 #   weight to act on either.
+# - KTO: the same pairs as unpaired rows (twice the rows, so half the batches' worth of
+#   pairs per step); beta and learning rate as DPO's.
 RECIPES = {
     "dpo": {"beta": 2.0, "learning_rate": 3e-5},
     "orpo": {"beta": 2.0, "learning_rate": 1e-4},
+    "kto": {"beta": 2.0, "learning_rate": 3e-5},
 }
 # ``quick`` still trains past the point where the preference is learned (~16 iterations).
 MODES = {
@@ -218,11 +221,13 @@ def first_and_last(metrics: list, split: str) -> tuple:
 # Report
 
 # (metric, y-axis label, log scale): the loss falls over decades once the pairs are learned.
+# KTO has no rewards/accuracies: its panel shows the KL estimate the rewards are judged by.
 CHART_SERIES = (
     ("loss", "loss (log scale)", True),
     ("rewards/accuracies", "fraction of pairs", False),
     ("rewards/margins", "nats x beta", False),
 )
+KTO_SERIES = (CHART_SERIES[0], ("kl", "nats", False), CHART_SERIES[2])
 
 
 def write_chart(metrics: list, path: Path, title: str, success: tuple) -> tuple:
@@ -235,8 +240,10 @@ def write_chart(metrics: list, path: Path, title: str, success: tuple) -> tuple:
         import matplotlib.pyplot as plt
     except ImportError:
         return None, "matplotlib is not installed (pip install 'mlx-lm-pref[plot]')"
-    fig, axes = plt.subplots(1, len(CHART_SERIES) + 1, figsize=(16, 3.8))
-    for ax, (name, ylabel, log) in zip(axes, CHART_SERIES):
+    kto = not any("rewards/accuracies" in m for m in metrics)
+    series = KTO_SERIES if kto else CHART_SERIES
+    fig, axes = plt.subplots(1, len(series) + 1, figsize=(16, 3.8))
+    for ax, (name, ylabel, log) in zip(axes, series):
         for split, style in (("train", "-"), ("val", "o--")):
             rows = [m for m in metrics if m["split"] == split and name in m]
             ax.plot(
@@ -300,7 +307,7 @@ def print_report(summary: dict) -> None:
             f"{summary['success_after']:.1%}",
         ),
     ]
-    for name in ("rewards/accuracies", "rewards/margins"):
+    for name in ("loss", "rewards/accuracies", "rewards/margins"):
         if name in vb and name in va:
             label = f"val {name} (iter {vb['iteration']} -> {va['iteration']})"
             rows.append((label, f"{vb[name]:.3f}", f"{va[name]:.3f}"))
@@ -362,7 +369,7 @@ def run_demo(args) -> dict:
     model_path = task.ensure_model(blas=blas)
     seconds["model"] = time.perf_counter() - tic
     prompts = task.held_out_prompts(mode["per_template"])
-    data = task.write_preference_data(out / "data")
+    data = task.write_preference_data(out / "data", unpaired=args.loss_type == "kto")
 
     t = time.perf_counter()
     before = generate_answers(model_path, prompts, label="base model")

@@ -138,11 +138,28 @@ def preference_rows(n: int, seed: int) -> list:
     return rows
 
 
-def write_preference_data(folder: Path, n_train: int = 256, n_valid: int = 32) -> Path:
-    """``train.jsonl`` and ``valid.jsonl`` in the layout ``mlx_lm_pref lora --data`` reads."""
+def unpaired_rows(pairs: list, seed: int) -> list:
+    """KTO's thumbs-up/thumbs-down view of ``pairs``: each pair's polite answer (label true)
+    and rude answer (label false) as two rows, shuffled so batches hold both labels."""
+    rows = []
+    for pair in pairs:
+        for side, label in (("chosen", True), ("rejected", False)):
+            rows.append(
+                {"prompt": pair["prompt"], "completion": pair[side], "label": label}
+            )
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+def write_preference_data(
+    folder: Path, n_train: int = 256, n_valid: int = 32, unpaired: bool = False
+) -> Path:
+    """``train.jsonl`` and ``valid.jsonl`` in the layout ``mlx_lm_pref lora --data`` reads:
+    preference pairs, or with ``unpaired`` the same pairs as KTO rows."""
     rows = preference_rows(n_train + n_valid, seed=1)
     folder.mkdir(parents=True, exist_ok=True)
     for name, part in (("train", rows[:n_train]), ("valid", rows[n_train:])):
+        part = unpaired_rows(part, seed=2) if unpaired else part
         (folder / f"{name}.jsonl").write_text(
             "".join(json.dumps(r) + "\n" for r in part)
         )
