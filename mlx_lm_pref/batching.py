@@ -201,6 +201,10 @@ def iterate_eval_batches(
     batch i, so per-batch metrics are combined across ranks by summing pair-weighted
     values (and pair counts) per batch index, with zeros for a batch a rank did not get.
 
+    KTO batches are not split: every rank yields every batch whole (its KL estimate and
+    label-conditional metrics are of the whole batch; the sums across ranks then count each
+    row once per rank, which the ratios cancel).
+
     Extra keyword arguments of mlx-lm's iterator protocol (``loop``, ``seed``) are ignored.
     """
     pairs = preference_dataset_of(dataset)

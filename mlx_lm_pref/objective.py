@@ -193,8 +193,9 @@ def _dpo_logps(logps, completion, ld_alpha):
 
 
 def sequence_logps_dpo(model, batch: PreferenceBatch, options: PreferenceArgs):
-    """(2B,) summed (LD-weighted) completion log-probs of ``model`` as it is, gradient-free:
-    what a live reference computes, for precomputing it."""
+    """(2B,) summed (LD-weighted) completion log-probs of ``model`` as it is, gradient-free
+    (KTO: the rows then their KL rows): what a live reference computes, for precomputing
+    it."""
     f = run_model(model, batch, options)
     completion = span_mask(batch.spans, f.targets.shape[1])
     return _dpo_logps(f.stats(grad=False).logps, completion, options.ld_alpha)

@@ -20,6 +20,7 @@ from helpers import (
     lora,
     make_rows,
     read_metrics,
+    run_cli,
     run_cli_many,
     tiny_lora_model,
     write_jsonl,
@@ -43,6 +44,9 @@ from mlx_lm_pref.losses import kto_losses
 from mlx_lm_pref.metrics import average_metrics
 from mlx_lm_pref.objective import PreferenceLoss, metric_names, sequence_logps_dpo
 from mlx_lm_pref.reference import adapters_disabled
+
+# Numbers compared at float32-noise tolerances: run with and without OpenBLAS (.ci/run).
+pytestmark = pytest.mark.numerics
 
 KTO = PreferenceArgs(loss_type="kto")
 APO = PreferenceArgs(loss_type="apo_zero_unpaired")
@@ -345,6 +349,25 @@ def test_cli_learns_and_saves_a_loadable_adapter(tiny_model, tmp_path, loss_type
 
     model, _ = load(str(tiny_model), adapter_path=str(out))
     assert any(k.endswith("lora_a") for k, _ in _flatten(model.trainable_parameters()))
+
+
+def test_yaml_config_through_plain_mlx_lm(tiny_model, tmp_path):
+    """TRL's option names as YAML keys, with plain ``mlx_lm lora`` (the start-up hook): the
+    weights reach the loss (at step 0 each row's loss is its weight x 1/2)."""
+    data = kto_data(tmp_path / "data", n_train=8, n_valid=8)
+    config = tmp_path / "kto.yaml"
+    config.write_text(
+        f"model: {tiny_model}\ntrain: true\ndata: {data}\nadapter_path: {tmp_path / 'out'}\n"
+        "loss_type: kto\ndesirable_weight: 1.5\nundesirable_weight: 0.5\nbatch_size: 4\n"
+        "iters: 1\nnum_layers: 2\nval_batches: -1\n"
+    )
+    run_cli("lora", "--config", config, module="mlx_lm")
+    labels = [r["label"] for r in unpaired(make_rows(8, 2))]
+    expected = 0.5 * sum(1.5 if good else 0.5 for good in labels) / len(labels)
+    first = read_metrics(tmp_path / "out")[0]
+    assert first["split"] == "val" and first["loss"] == pytest.approx(
+        expected, abs=1e-6
+    )
 
 
 REFUSED = [

@@ -5,6 +5,7 @@ ORPO at the edges of its domain; and the supported mlx-lm range at its oldest en
 
 import collections
 import importlib.metadata
+import json
 import math
 import os
 import subprocess
@@ -197,18 +198,31 @@ def base_models(tiny_model, tmp_path_factory):
     return models
 
 
-@pytest.mark.parametrize("loss_type", ["dpo", "orpo"])
+def unpaired_data(folder):
+    """``write_data``'s pairs as KTO rows, the labels alternating (each batch holds both)."""
+    for path in folder.glob("*.jsonl"):
+        pairs = [json.loads(line) for line in path.read_text().splitlines()]
+        rows = [
+            {"prompt": p["prompt"], "completion": p[side], "label": side == "chosen"}
+            for k, p in enumerate(pairs)
+            for side in (("chosen", "rejected") if k % 2 else ("rejected", "chosen"))
+        ]
+        write_jsonl(path, rows)
+    return folder
+
+
+@pytest.mark.parametrize("loss_type", ["dpo", "orpo", "kto"])
 @pytest.mark.parametrize("base", ["q4", "bf16", "fp16"])
 def test_low_precision_bases_train(base_models, tmp_path, base, loss_type):
     model = base_models[base]
     if base == "q4":
-        import json
-
         config = json.loads((model / "config.json").read_text())
         assert config["quantization"]["bits"] == 4
         weights = mx.load(str(model / "model.safetensors"))
         assert any(k.endswith(".scales") for k in weights)  # really quantized
     data = write_data(tmp_path / "data", n_train=48, n_valid=16)
+    if loss_type == "kto":
+        unpaired_data(data)
     out = tmp_path / "adapters"
     lora(
         model,
@@ -244,7 +258,11 @@ def test_low_precision_bases_train(base_models, tmp_path, base, loss_type):
     assert val[-1]["loss"] < val[0]["loss"] - 0.05
     # the last 4 steps against the first one (the initial weights)
     assert sum(m["loss"] for m in train[-4:]) / 4 < train[0]["loss"] - 0.05
-    assert val[-1]["rewards/accuracies"] > val[0]["rewards/accuracies"]
+    if loss_type == "kto":
+        assert val[-1]["rewards/margins"] > val[0]["rewards/margins"]
+        assert abs(val[0]["loss"] - 0.5) < 1e-6 and val[0]["kl"] == 0.0
+    else:
+        assert val[-1]["rewards/accuracies"] > val[0]["rewards/accuracies"]
     if loss_type == "dpo":  # policy == reference at the start, in any precision
         assert abs(val[0]["loss"] - math.log(2)) < 1e-6
     for value in mx.load(str(out / "adapters.safetensors")).values():
@@ -420,3 +438,26 @@ def test_oldest_supported_mlx_lm(oldest_mlx_lm, tiny_model, tmp_path, monkeypatc
         ("train", 2),
     ]
     assert abs(metrics[0]["loss"] - math.log(2)) < 1e-6
+    # KTO on the same release: the pairs unpaired, the KL rows, a precomputed reference
+    lora(
+        tiny_model,
+        unpaired_data(data),
+        tmp_path / "kto",
+        "--train",
+        "--loss-type",
+        "kto",
+        "--reference",
+        "precomputed",
+        "--iters",
+        "2",
+        "--batch-size",
+        "4",
+        "--num-layers",
+        "2",
+        "--val-batches",
+        "-1",
+        cwd=tmp_path,
+        env={"MLX_LM_PREF_CACHE": str(tmp_path / "cache")},
+    )
+    first = read_metrics(tmp_path / "kto")[0]
+    assert abs(first["loss"] - 0.5) < 1e-6 and first["kl"] == 0.0

@@ -14,11 +14,15 @@ The cases:
   rows, keep_end, ORPO/CPO answer truncation);
 - every TRL DPO loss type, loss combinations, f-divergences, LD-DPO and WPO, and CPO/SimPO/
   AlphaPO, each on one standard and one conversational test set (``LOSS_ROWS`` rows), with the
-  CLI flags a user would pass next to the TRL config they mirror.
+  CLI flags a user would pass next to the TRL config they mirror;
+- KTO (``KTOTrainer``, loss types kto and apo_zero_unpaired, ``KTO_CASES``): unpaired rows
+  whose batches mix labels or hold one label only, paired rows with and without a prompt (TRL
+  unpairs them), the three tokenizers, ragged last batches (a KL chunk of one row), both
+  weights, and truncation that cuts rows and KL rows and drops rows whose prompt fills it.
 
-Also checked: our tokenization equals the ids TRL feeds its model (``test_tokens_match_trl``),
-and the first-step LoRA gradient of our loss points the same way as TRL's
-(``test_gradient_direction_matches_trl``).
+Also checked: our tokenization equals the ids TRL feeds its model (``test_tokens_match_trl``;
+for KTO each row and its KL row), and the first-step LoRA gradient of our loss points the
+same way as TRL's (``test_gradient_direction_matches_trl``).
 
 Needs torch, peft and trl (not in the package's dependencies): the module is skipped when they
 are not importable. Set ``TRL_PARITY_REPORT=/path/file.jsonl`` to get one JSON line per case
@@ -79,9 +83,12 @@ TOKENIZERS = ("bos", "nobos", "bos_unused")
 class Case:
     """One evaluation compared with TRL.
 
-    ``method`` is TRL's trainer (dpo, orpo, cpo); ``flags`` are our CLI's options for the
+    ``method`` is TRL's trainer (dpo, orpo, cpo, kto); ``flags`` are our CLI's options for the
     variant (``--loss-type`` defaults to ``method``) and ``trl`` the TRL config options they
     mirror; ``max_length`` sets both ``--max-seq-length`` and TRL's ``max_length``.
+    ``prompt`` is explicit or implicit; for kto, explicit gives unpaired rows
+    (``R.parity_kto_rows``), implicit ``n_rows`` pairs without a prompt and "paired" ``n_rows``
+    pairs with one (both unpaired by TRL into ``2 n_rows`` rows).
     ``rtol`` (0 = absolute ``TOL`` only) allows ``rtol * |TRL value|`` where a variant
     amplifies float32 round-off (see ``ILL_CONDITIONED``).
     """
@@ -111,6 +118,15 @@ class Case:
         self.id = f"{name}-{fmt}-{prompt}-{tok}" + (f"-{tag}" if tag else "")
 
     def rows(self):
+        if self.method == "kto":
+            return R.parity_kto_rows(
+                self.n_rows,
+                seed=3,
+                conversational=self.fmt == "conversational",
+                prompt=self.prompt != "implicit",
+                paired=self.prompt == "paired",
+                system_every=3,
+            )
         return R.parity_rows(
             self.n_rows,
             seed=3,
@@ -388,6 +404,84 @@ CASES = [
         for fmt in ("standard", "conversational")
     ],
 ]
+
+
+# KTO. TRL's KL estimate is clamped at 0 per batch: with this adapter the standard rows' KL
+# batches are mostly negative (kl 0, and kto equals apo_zero_unpaired there), the
+# conversational ones mixed (e.g. 0.41, -0.06, 4.83, -1.29 -> kl 1.31), so the KL term and
+# the per-batch clamp are exercised on conversational rows. apo_zero_unpaired has no KL term
+# (TRL reports kl 0). Unpaired rows carry ``R.KTO_LABELS`` (batches of 4: mixed, all
+# undesirable, mixed, all desirable); paired rows unpair into every chosen row, then every
+# rejected one (per 1000 pairs), so 7 pairs (14 rows) give batches TTTT TTTF FFFF FF and
+# 6 pairs TTTT TTFF FFFF (rewards/margins from the one mixed batch alone).
+KTO_PAIRS = 7
+APO = (
+    "apo_zero_unpaired",
+    ["--loss-type", "apo_zero_unpaired"],
+    {"loss_type": "apo_zero_unpaired"},
+)
+
+
+def _kto(fmt, prompt, tok, variant=None, flags=(), trl=None, **kw):
+    kw.setdefault("n_rows", N_ROWS if prompt == "explicit" else KTO_PAIRS)
+    return Case("kto", fmt, prompt, tok, variant=variant, flags=flags, trl=trl, **kw)
+
+
+def _weights(desirable, undesirable):
+    return {
+        "variant": f"w{desirable:g}_{undesirable:g}",
+        "flags": [
+            "--desirable-weight",
+            str(desirable),
+            "--undesirable-weight",
+            str(undesirable),
+        ],
+        "trl": {"desirable_weight": desirable, "undesirable_weight": undesirable},
+    }
+
+
+KTO_CASES = [
+    *[
+        _kto(fmt, prompt, "bos")
+        for fmt in ("standard", "conversational")
+        for prompt in ("explicit", "implicit")
+    ],
+    # (bos_unused gives nobos's numbers here, and bos's on conversational rows: the
+    # template's "<s>" is the BOS id; its tokens are checked in TOKEN_CASES)
+    *[_kto(fmt, "explicit", "nobos") for fmt in ("standard", "conversational")],
+    _kto("standard", "explicit", "bos_unused"),
+    _kto("standard", "paired", "bos", n_rows=6),
+    *[
+        _kto(fmt, prompt, tok, *APO)
+        for fmt, prompt, tok in (
+            ("standard", "explicit", "bos"),
+            ("conversational", "explicit", "bos"),
+            ("conversational", "implicit", "nobos"),
+        )
+    ],
+    # 17 rows: the last batch and KL chunk hold one row, its KL row the row itself (KL 3.46).
+    _kto("conversational", "explicit", "bos", n_rows=17, tag="ragged17"),
+    _kto("standard", "explicit", "bos", **_weights(1.0, 1.5)),
+    _kto("conversational", "explicit", "bos", **_weights(2.0, 0.5)),
+    # Standard prompts are 12-28 tokens, rows 23-56, KL rows 22-55: 24 drops the 5 rows whose
+    # prompt reaches 24 (11 left, rotated after the drop) and cuts 9 rows and every KL row.
+    # Conversational prompts 28-56, rows 40-75, KL rows 40-80: 48 drops 3 (13 left: a last
+    # batch of one row) and cuts 9 rows and 9 KL rows.
+    _kto("standard", "explicit", "bos", max_length=24, tag="max24drop"),
+    _kto("conversational", "explicit", "bos", max_length=48, tag="max48drop"),
+]
+CASES += KTO_CASES
+# The metrics TRL's KTOTrainer reports only for batches that hold the label they are of
+# (rewards/margins: both labels), averaged over those batches.
+KTO_LABEL_METRICS = {
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "logits/chosen",
+    "logits/rejected",
+}
 
 
 # Known gaps, each with its root cause (TRL 1.16 source), open in issue 4. strict=True: a
@@ -677,7 +771,7 @@ def test_padding_dependent_metrics_match_trl(case, models, ours):
             if m in MISSING_METRICS
             else m
         )
-        for m in ("dpo", "orpo", "cpo")
+        for m in ("dpo", "orpo", "cpo", "kto")
     ],
 )
 def test_reports_every_trl_metric(method, models, ours):
@@ -688,6 +782,17 @@ def test_reports_every_trl_metric(method, models, ours):
     assert not missing, f"{case.id}: TRL reports {missing}, we do not\n" + _table(
         ours_m, trl_m
     )
+
+
+@pytest.mark.parametrize("case", KTO_CASES, ids=lambda c: c.id)
+def test_kto_label_metrics_match_trl(case, models, ours):
+    """KTO's label-conditional metrics are reported exactly where TRL reports them: not
+    for a label no batch holds, rewards/margins not unless some batch holds both labels.
+    """
+    ours_m, trl_m = _both(case, models, ours)
+    got = sorted(KTO_LABEL_METRICS & set(ours_m))
+    want = sorted(KTO_LABEL_METRICS & set(trl_m))
+    assert got == want, f"{case.id}: ours {got}, TRL {want}\n" + _table(ours_m, trl_m)
 
 
 # --------------------------------------------------------------------------- tokens
@@ -719,6 +824,24 @@ TOKEN_CASES = [
         for method in ("orpo", "cpo")
         for fmt, length in (("standard", 32), ("conversational", 64))
     ],
+    # KTO: each row and its KL row
+    *[
+        _kto(fmt, prompt, tok)
+        for fmt in ("standard", "conversational")
+        for prompt in ("explicit", "implicit", "paired")
+        for tok in TOKENIZERS
+    ],
+    _kto("standard", "explicit", "bos", *APO),
+    _kto("standard", "explicit", "bos", n_rows=13, tag="ragged13"),
+    *[
+        _kto(fmt, "explicit", "bos", max_length=length, tag=f"max{length}")
+        for fmt, length in (
+            ("standard", 24),
+            ("standard", 32),
+            ("conversational", 48),
+            ("conversational", 64),
+        )
+    ],
 ]
 
 
@@ -738,7 +861,9 @@ def _our_options(case):
 @pytest.mark.parametrize("case", TOKEN_CASES, ids=lambda c: c.id)
 def test_tokens_match_trl(case, models):
     """Our pairs are the ids TRL feeds its model, with the same completion starts per side,
-    after the same truncation (and the same pairs dropped)."""
+    after the same truncation (and the same pairs dropped). KTO: our rows (unpaired as TRL
+    unpairs) are TRL's, with the same completion start, label and KL row (rotated within
+    chunks of the batch size, after the drop), cut the same way."""
     from mlx_lm.utils import load_tokenizer
 
     from mlx_lm_pref.data import PreferenceDataset
@@ -755,6 +880,9 @@ def test_tokens_match_trl(case, models):
     theirs = R.trl_tokens(trainer)
     assert len(ours) == len(theirs)
     fields = ("chosen", "rejected", "chosen_start", "rejected_start")
+    if case.method == "kto":
+        ours.assign_kl(case.batch)
+        fields = ("sequence", "start", "label", "kl_sequence")
     for i, (pair, row) in enumerate(zip(ours, theirs)):
         got = {f: getattr(pair, f) for f in fields}
         want = {f: row[f] for f in fields}
@@ -767,6 +895,9 @@ GRAD_CASES = [
     Case(method, fmt, "explicit", "bos")
     for method in ("dpo", "orpo")
     for fmt in ("standard", "conversational")
+] + [
+    # a mixed-label first batch whose KL estimate is positive (not clamped)
+    _kto("conversational", "explicit", "bos"),
 ]
 
 

@@ -18,6 +18,10 @@ Helpers for ``test_trl_parity.py`` (and for digging into a mismatch by hand):
 - ``trl_tokens``: what TRL feeds the model per pair (ids after TRL's own truncation, and where
   each side's completion starts), the layout of ``mlx_lm_pref.data.Pair``;
   ``trl_sequence_logps``: the per-sequence log-probs TRL gets from them.
+- ``trl_eval("kto", ...)`` (``trl_kto_eval``): ``KTOTrainer.evaluate()`` on unpaired rows
+  (``parity_kto_rows``) or paired ones (TRL unpairs them), reference = the base model;
+  ``trl_kto_tokens`` (through ``trl_tokens``): per row, the ids its collator feeds the model
+  and its KL row, the layout of ``mlx_lm_pref.data.Example``.
 - ``trl_first_batch_grads``: the LoRA gradient of TRL's ``compute_loss`` on the first
   evaluation batch, in mlx-lm's names and orientation.
 
@@ -383,7 +387,52 @@ def make_cpo_trainer(
     )
 
 
-TRAINERS = {"dpo": make_dpo_trainer, "orpo": make_orpo_trainer, "cpo": make_cpo_trainer}
+def make_kto_trainer(
+    model_path,
+    peft_path,
+    rows,
+    batch_size=4,
+    beta=0.1,
+    output_dir=None,
+    trainable=False,
+    **config,
+):
+    """``KTOTrainer`` (``loss_type`` kto or apo_zero_unpaired; ``desirable_weight``,
+    ``undesirable_weight``) with reference = the base model, passed explicitly: given a
+    ``PeftModel`` and no ``ref_model``, TRL would copy the loaded adapter as a "ref" adapter
+    and use that as the reference (ours is the base model, LoRA scales 0).
+
+    ``rows`` are unpaired (``prompt``, ``completion``, ``label``) or paired (``chosen``,
+    ``rejected``, optional ``prompt``; TRL extracts the prompt and unpairs them itself). The
+    KL rows rotate within chunks of ``per_device_train_batch_size`` (= ``batch_size``, the
+    evaluation batch too); ``train_sampling_strategy`` stays KTOConfig's "sequential".
+    """
+    from trl import KTOConfig, KTOTrainer
+
+    config.setdefault("loss_type", "kto")
+    output_dir = output_dir or tempfile.mkdtemp(prefix="trl_kto_")
+    args = _training_args(KTOConfig, output_dir, batch_size, beta, config)
+    if args.train_sampling_strategy != "sequential":
+        raise AssertionError("KTO's KL rows need train_sampling_strategy='sequential'")
+    policy = load_hf_model(model_path, peft_path, trainable)
+    ref = load_hf_model(model_path)
+    ds = _dataset(rows)
+    return KTOTrainer(
+        model=policy,
+        ref_model=ref,
+        args=args,
+        train_dataset=ds,
+        eval_dataset=ds,
+        processing_class=load_hf_tokenizer(model_path),
+    )
+
+
+TRAINERS = {
+    "dpo": make_dpo_trainer,
+    "orpo": make_orpo_trainer,
+    "cpo": make_cpo_trainer,
+    "kto": make_kto_trainer,
+}
 
 
 def make_trainer(method, model_path, peft_path, rows, batch_size=4, beta=0.1, **config):
@@ -393,12 +442,16 @@ def make_trainer(method, model_path, peft_path, rows, batch_size=4, beta=0.1, **
 def trl_eval(
     method, model_path, peft_path, rows, batch_size=4, beta=0.1, **config
 ) -> Dict[str, float]:
-    """``evaluate()`` of TRL's ``method`` trainer (dpo, orpo, cpo); eval_* metrics with the
+    """``evaluate()`` of TRL's ``method`` trainer (dpo, orpo, cpo, kto); eval_* metrics with the
     prefix stripped."""
     trainer = make_trainer(
         method, model_path, peft_path, rows, batch_size, beta, **config
     )
     return _strip(trainer.evaluate())
+
+
+def trl_kto_eval(model_path, peft_path, rows, batch_size=4, beta=0.1, **config):
+    return trl_eval("kto", model_path, peft_path, rows, batch_size, beta, **config)
 
 
 def trl_dpo_eval(model_path, peft_path, rows, batch_size=4, beta=0.1, **config):
@@ -446,7 +499,9 @@ def trl_tokens(trainer) -> List[dict]:
     where each side's completion starts: ``{"chosen", "rejected", "chosen_start",
     "rejected_start"}`` (the fields of ``mlx_lm_pref.data.Pair``). DPO is read from its
     collator (which truncates), ORPO/CPO from their tokenized dataset (first label that is
-    not -100)."""
+    not -100). KTO: see ``trl_kto_tokens``."""
+    if "label" in trainer.eval_dataset.column_names:  # KTOTrainer
+        return trl_kto_tokens(trainer)
     if "prompt_ids" in trainer.eval_dataset.column_names:  # DPOTrainer
         out = []
         for ex in trainer.eval_dataset:
@@ -468,6 +523,38 @@ def trl_tokens(trainer) -> List[dict]:
             row[f"{side}_start"] = next(
                 (i for i, l in enumerate(labels) if l != -100), len(labels)
             )
+        out.append(row)
+    return out
+
+
+def trl_kto_tokens(trainer) -> List[dict]:
+    """Per row of a ``KTOTrainer``'s evaluation set (after TRL's unpairing and the drop of
+    rows whose prompt fills ``max_length``), what its collator feeds the model:
+    ``{"sequence", "start", "label", "kl_sequence"}`` (the fields of
+    ``mlx_lm_pref.data.Example``). ``sequence`` is prompt + completion cut at ``max_length``,
+    ``start`` the first completion position, ``kl_sequence`` the row's prompt + its KL
+    completion (the previous row's within its chunk of ``per_device_train_batch_size``),
+    cut the same way, or None for a loss without the KL term (apo_zero_unpaired)."""
+    out = []
+    for ex in trainer.eval_dataset:
+        batch = trainer.data_collator([ex])
+        n = int(batch["attention_mask"][0].sum())
+        mask = batch["completion_mask"][0][:n].tolist()
+        row = {
+            "sequence": batch["input_ids"][0][:n].tolist(),
+            "start": mask.index(1) if 1 in mask else n,
+            "label": bool(batch["label"][0]),
+            "kl_sequence": None,
+        }
+        if "KL_input_ids" in batch:
+            m = int(batch["KL_attention_mask"][0].sum())
+            row["kl_sequence"] = batch["KL_input_ids"][0][:m].tolist()
+            kl_mask = batch["KL_completion_mask"][0][:m].tolist()
+            kl_start = kl_mask.index(1) if 1 in kl_mask else m
+            if kl_start != min(len(ex["prompt_ids"]), m):
+                raise AssertionError(
+                    "a KL row's completion does not start after its prompt"
+                )
         out.append(row)
     return out
 
@@ -563,6 +650,54 @@ def parity_rows(
                 else {"chosen": f"{q} {good}", "rejected": f"{q} {bad}"}
             )
     return rows
+
+
+# KTO labels per row (True: the pair's chosen answer, desirable; False: its rejected one), by
+# row index modulo 16: in batches of 4, rows 0-3 mixed, 4-7 all undesirable, 8-11 mixed,
+# 12-15 all desirable (batches with one label report no rewards/margins in TRL).
+KTO_LABELS = (
+    [True, False, True, True] + [False] * 4 + [False, True, False, True] + [True] * 4
+)
+
+
+def parity_kto_rows(
+    n,
+    seed,
+    conversational=False,
+    prompt=True,
+    system_every=0,
+    boundary_every=0,
+    paired=False,
+    labels=KTO_LABELS,
+):
+    """KTO rows from ``parity_rows(n, ...)``. With an explicit prompt: ``n`` unpaired rows
+    ``{"prompt", "completion", "label"}``, row i the chosen answer (label True) or the
+    rejected one (False) as ``labels[i % len(labels)]`` says; ``paired=True`` keeps the pairs
+    ``{"prompt", "chosen", "rejected"}`` instead. ``prompt=False``: ``n`` paired rows without a
+    prompt, ``{"chosen", "rejected"}``. Paired rows are unpaired by TRL (and by us) into
+    ``2 n`` rows: per block of 1000 pairs (``datasets``' map batch) every chosen completion
+    first, then every rejected one."""
+    rows = parity_rows(
+        n,
+        seed,
+        conversational=conversational,
+        prompt=prompt,
+        system_every=system_every,
+        boundary_every=boundary_every,
+    )
+    if paired or not prompt:
+        return rows
+    out = []
+    for i, row in enumerate(rows):
+        label = bool(labels[i % len(labels)])
+        out.append(
+            {
+                "prompt": row["prompt"],
+                "completion": row["chosen"] if label else row["rejected"],
+                "label": label,
+            }
+        )
+    return out
 
 
 def hide_bos(model_path):
