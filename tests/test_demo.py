@@ -48,6 +48,19 @@ def test_judge():
     )  # polite, then rude
 
 
+def test_kto_rows_are_the_pairs_unpaired():
+    pairs = task.preference_rows(8, seed=3)
+    rows = task.unpaired_rows(pairs, seed=0)
+    assert sorted(json.dumps(r, sort_keys=True) for r in rows) == sorted(
+        json.dumps({"prompt": p["prompt"], "completion": p[side], "label": label},
+                   sort_keys=True)
+        for p in pairs
+        for side, label in (("chosen", True), ("rejected", False))
+    )  # fmt: skip
+    labels = [r["label"] for r in rows]
+    assert labels != sorted(labels)  # shuffled: batches hold both labels
+
+
 def test_preference_pairs_differ_in_tone_only():
     objects = {p.obj for p in task.all_prompts()}
     for row in task.preference_rows(64, seed=3):
@@ -87,7 +100,7 @@ def demo_cache(tmp_path_factory):
 
 
 @pytest.mark.numerics  # the demo model is built by training: its weights depend on the BLAS
-@pytest.mark.parametrize("loss_type", ["dpo", "orpo"])
+@pytest.mark.parametrize("loss_type", ["dpo", "orpo", "kto"])
 def test_quick_demo_makes_the_model_polite(demo_cache, tmp_path, loss_type):
     out = tmp_path / "out"
     out.mkdir()
@@ -105,7 +118,13 @@ def test_quick_demo_makes_the_model_polite(demo_cache, tmp_path, loss_type):
     assert 0.25 <= before <= 0.6, log[-3000:]
     assert after >= before + 0.3, log[-3000:]
     val_before, val_after = summary["val_before"], summary["val_after"]
-    assert val_after["rewards/accuracies"] >= val_before["rewards/accuracies"]
+    if (
+        loss_type == "kto"
+    ):  # the same pairs as unpaired rows: no accuracy, a KL estimate
+        assert "rewards/accuracies" not in val_after and val_before["kl"] == 0.0
+        assert val_after["loss"] < val_before["loss"] == pytest.approx(0.5)
+    else:
+        assert val_after["rewards/accuracies"] >= val_before["rewards/accuracies"]
     assert val_after["rewards/margins"] > val_before["rewards/margins"]
 
     assert task.is_built(demo_cache / task.MODEL_NAME)
