@@ -22,11 +22,12 @@ KTO batches (``data.Example`` rows) use the same layout: rows ``[0, B)`` are the
 themselves and ``[B, 2B)`` their KL rows (the same prompt, another row's completion), so
 prompt sharing runs each prompt once for both; without a KL term (``apo_zero_unpaired``) the
 batch holds the B rows alone. ``labels`` (B,) float32 marks the desirable rows (1) and the
-undesirable ones (0). Training batches are consecutive chunks of ``batch_size`` rows in
-dataset order (TRL's sequential sampler: the KL rows of a batch take the completions of the
-same batch; the remainder is left out), the chunks shuffled as mlx-lm shuffles batches; with
-several ranks, rank ``r`` takes the ``r``-th consecutive ``batch_size / size`` rows of a chunk,
-each with its KL row (``data.kl_rotation`` within the whole batch: ``kl_chunk``).
+undesirable ones (0). Training batches are TRL's: consecutive chunks of ``batch_size`` rows
+in dataset order, the last one smaller when the rows do not divide into batches, in that
+order every epoch (TRL's sequential sampler, which its KL rows require: a batch's KL rows
+take the completions of the same batch); with several ranks, rank ``r`` takes the ``r``-th
+consecutive share of a chunk, each row with its KL row (``data.kl_rotation`` within the
+whole batch: ``kl_chunk``).
 
 Either way the width is padded to one plus a multiple of 32 (at most ``max_seq_length``) to
 bound recompilation; padding never reaches a loss or a metric.
@@ -137,7 +138,8 @@ def iterate_preference_batches(
             f"batch_size={batch_size}."
         )
     offset, step = _ranks(comm_group, batch_size)
-    if pairs.options.method == "kto":
+    kto = pairs.options.method == "kto"
+    if kto:
         pairs.assign_kl(kl_chunk(batch_size))
         batch_idx = _kto_batches(len(pairs), batch_size, offset, step)
     else:
@@ -149,7 +151,9 @@ def iterate_preference_batches(
     if seed is not None:
         np.random.seed(seed)
     while True:
-        for i in np.random.permutation(len(batch_idx)):
+        # KTO: TRL's sequential sampler, the same order every epoch
+        epoch = range(len(batch_idx)) if kto else np.random.permutation(len(batch_idx))
+        for i in epoch:
             batch = [pairs[j] for j in batch_idx[i]]
             yield (make_batch(batch, max_seq_length, pairs.source, prompt_sharing),)
         if not loop:
@@ -165,13 +169,20 @@ def kl_chunk(batch_size) -> int:
 
 
 def _kto_batches(n, batch_size, offset, step):
-    """KTO's training batches: full chunks of ``batch_size`` consecutive rows, rank
-    ``offset`` taking its consecutive ``batch_size / step`` of each."""
-    per_rank = batch_size // step
-    return [
-        list(range(first + offset * per_rank, first + (offset + 1) * per_rank))
-        for first in range(0, n - batch_size + 1, batch_size)
-    ]
+    """KTO's training batches as TRL's sequential sampler and ``DataLoader`` cut them:
+    chunks of ``batch_size`` consecutive rows, the last one holding the remainder. Rank
+    ``offset`` of ``step`` takes its consecutive share of each chunk (in a ragged chunk the
+    first ``size mod step`` ranks one row more); a last chunk of fewer rows than ranks is
+    left out, as a rank without a row could not take the step with the others."""
+    batches = []
+    for first in range(0, n, batch_size):
+        size = min(batch_size, n - first)
+        if size < step:
+            break
+        share, extra = divmod(size, step)
+        start = first + offset * share + min(offset, extra)
+        batches.append(list(range(start, start + share + (offset < extra))))
+    return batches
 
 
 def eval_batch_count(dataset, batch_size) -> int:

@@ -488,6 +488,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         )
 
 
+# TRL option names a preference run's YAML may carry from a TRL script, that are not ours:
+# mlx-lm would keep and ignore them (``max_length: 1024`` would train at 2048 tokens).
+# Name -> what to write here instead.
+TRL_NAMES = {
+    "max_length": "max_seq_length",
+    "max_completion_length": "max_seq_length (a limit on the whole sequence)",
+    "per_device_train_batch_size": "batch_size",
+    "per_device_eval_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accumulation_steps",
+    "gradient_checkpointing": "grad_checkpoint",
+    "num_train_epochs": "iters (optimizer steps)",
+    "max_steps": "iters",
+    "logging_steps": "steps_per_report",
+    "eval_steps": "steps_per_eval",
+    "save_steps": "save_every",
+    "output_dir": "adapter_path",
+    "lr_scheduler_type": "lr_schedule",
+    "warmup_steps": "lr_schedule (its warmup)",
+    "weight_decay": "optimizer: adamw with optimizer_config",
+    "precompute_ref_log_probs": "reference: precomputed",
+    "reference_free": "reference: none",
+    "sync_ref_model": "reference (the base model or the initial adapter; TR-DPO's "
+    "reference updates are not supported)",
+    "ref_model_mixup_alpha": "reference (TR-DPO's reference updates are not supported)",
+    "ref_model_sync_steps": "reference (TR-DPO's reference updates are not supported)",
+}
+
+
 def edit_distance(a: str, b: str) -> int:
     """Levenshtein distance with adjacent transpositions counting one (optimal string
     alignment): 'chosne' is one edit from 'chosen'."""

@@ -447,7 +447,10 @@ def label_balance(dataset, options) -> List[str]:
             f"{dataset.source}: every row is {'un' if not desirable else ''}desirable: "
             "KTO trains on it (as TRL), but rewards/margins is never reported."
         )
-    n_d, n_u = max(desirable, 1), max(undesirable, 1)  # TRL's own arithmetic
+    n_d = max(
+        desirable, 1
+    )  # TRL's own arithmetic (an all-undesirable set counts 1 each)
+    n_u = max(len(labels) - n_d, 1)
     if n_d != n_u:
         w_d, w_u = options.desirable_weight, options.undesirable_weight
         d_low, d_high = round(n_u * w_u / n_d, 2), round(n_u * w_u / n_d * 1.33, 2)

@@ -419,8 +419,11 @@ def kto_objective(model, batch, o: PreferenceArgs, initial=None):
         o.desirable_weight,
         o.undesirable_weight,
     )
-    loss = losses.mean()
     n_chosen, n_rejected = sums[3], sums[5]
+    # TRL's mean over the batch's rows, whatever share of them each rank holds: mlx-lm
+    # averages the ranks' gradients, so each rank's loss is ranks x its rows' sum / rows.
+    ranks = mx.distributed.init().size()
+    loss = ranks * losses.sum() / (n_chosen + n_rejected)
     has_chosen = (n_chosen > 0).astype(mx.float32)
     has_rejected = (n_rejected > 0).astype(mx.float32)
     chosen_rewards = sums[2] / mx.maximum(n_chosen, 1.0)

@@ -20,6 +20,7 @@ from mlx_lm.tuner.datasets import CacheDataset
 
 from mlx_lm_pref.batching import preference_dataset_of
 from mlx_lm_pref.config import (
+    TRL_NAMES,
     ConfigError,
     PreferenceArgs,
     add_arguments,
@@ -151,6 +152,11 @@ def check_config_keys(ns):
         for key in mapping:
             if key in names:
                 continue
+            if preference and not where and key in TRL_NAMES:
+                raise ConfigError(
+                    f"{ns.config}: '{key}' is TRL's name, not one of mlx-lm's (which "
+                    f"would ignore it); use {TRL_NAMES[key]}."
+                )
             guess = close_match(key, names)
             if guess and (preference or guess in ours):
                 raise ConfigError(

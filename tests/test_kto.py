@@ -27,6 +27,7 @@ from helpers import (
 )
 
 from mlx_lm_pref.batching import (
+    _kto_batches,
     iterate_eval_batches,
     iterate_preference_batches,
     make_batch,
@@ -300,11 +301,17 @@ def _flatten(tree):
 def test_training_batches_are_consecutive_chunks(tokenizer):
     rows = unpaired(make_rows(10, 5))
     dataset = PreferenceDataset(rows, tokenizer, KTO)
-    batches = list(iterate_preference_batches(dataset, 4, 2048, seed=0))
-    assert len(batches) == 2  # the ragged remainder is left out, as mlx-lm's
-    firsts = sorted(np.array(b.tokens)[0].tolist()[:5] for (b,) in batches)
-    expected = sorted(dataset[i].sequence[:5] for i in (0, 4))
-    assert firsts == expected and all(b.labels.shape == (4,) for (b,) in batches)
+    batches = iterate_preference_batches(dataset, 4, 2048, loop=True, seed=0)
+    batches = [next(batches) for _ in range(6)]  # two epochs
+    # in dataset order every epoch, the remainder a smaller last batch (TRL's sequential
+    # sampler and DataLoader)
+    assert [b.labels.shape[0] for (b,) in batches] == [4, 4, 2] * 2
+    firsts = [np.array(b.tokens)[0].tolist()[:5] for (b,) in batches]
+    assert firsts == [dataset[i].sequence[:5] for i in (0, 4, 8)] * 2
+    # two ranks: each its consecutive share of a chunk, a ragged one split 2 + 1
+    split = [_kto_batches(11, 4, rank, 2) for rank in (0, 1)]
+    assert split == [[[0, 1], [4, 5], [8, 9]], [[2, 3], [6, 7], [10]]]
+    assert _kto_batches(9, 4, 1, 2) == [[2, 3], [6, 7]]  # 1 row for 2 ranks: left out
     evaluated = [b.pairs for (b,) in iterate_eval_batches(dataset, 4, 2048)]
     assert evaluated == [4, 4, 2]  # TRL's evaluation keeps the ragged last batch
 
@@ -398,9 +405,11 @@ def test_bad_input_is_one_line_before_the_model_loads(tiny_model, tmp_path):
 
 
 def test_two_ranks_equal_one_process(tiny_model, tmp_path):
-    """The KL estimate and the label sums are over the whole batch, whatever the ranks."""
-    data = kto_data(tmp_path / "data", n_train=16, n_valid=6)
-    argv = ["lora", "--model", tiny_model, "--data", data, "--train", "--iters", 4,
+    """The KL estimate, the label sums and the loss's row mean are over the whole batch,
+    whatever the ranks, a ragged last batch split unevenly included."""
+    # 19 rows: the 5th step's batch is the 3 left, 2 on one rank and 1 on the other
+    data = kto_data(tmp_path / "data", n_train=19, n_valid=6)
+    argv = ["lora", "--model", tiny_model, "--data", data, "--train", "--iters", 5,
             "--batch-size", 4, "--num-layers", 2, "--steps-per-report", 2,
             "--steps-per-eval", 2, "--val-batches", -1, "--seed", 0, "--loss-type", "kto",
             "--optimizer", "sgd", "--learning-rate", 0.05, "--reference", "precomputed",
@@ -423,3 +432,8 @@ def test_two_ranks_equal_one_process(tiny_model, tmp_path):
         for name, value in a.items():
             if name not in ("split", "iteration"):
                 assert b[name] == pytest.approx(value, **NOISE), (a["split"], name)
+    # the last step's update (no report reads it) is the whole batch's row mean too
+    a, b = (mx.load(str(tmp_path / d / "adapters.safetensors")) for d in ("one", "two"))
+    for key in (k for k in a if k.endswith("lora_b")):
+        scale = float(mx.abs(a[key]).max())
+        assert float(mx.abs(a[key] - b[key]).max()) <= 1e-4 * scale, key

@@ -168,9 +168,10 @@ def yaml_run(tiny_model, tmp_path, data, **keys):
         (dict(loss_type="orpo", reference="precomputed"), ["ORPO has no reference model"]),
         (dict(loss_type="dpoo"), ["Unknown loss_type 'dpoo'", "Did you mean 'dpo'?"]),
         (dict(loss_type="dpo", reference="adapters-off"), ["Did you mean 'adapters_off'?"]),
+        (dict(loss_type="kto", max_length=1024), ["'max_length' is TRL's name", "use max_seq_length"]),
     ],
     ids=["string-bool", "float", "misspelt-key", "misspelt-upstream-key", "mask-prompt",
-         "reference-without-one", "misspelt-loss", "misspelt-reference"],
+         "reference-without-one", "misspelt-loss", "misspelt-reference", "trl-name"],
 )  # fmt: skip
 def test_bad_options_are_one_line(tiny_model, tmp_path, keys, expected):
     data = write_data(tmp_path / "data", n_train=8, n_valid=4)

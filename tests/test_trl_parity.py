@@ -889,6 +889,43 @@ def test_tokens_match_trl(case, models):
         assert got == want, f"{case.id}: pair {i} differs"
 
 
+KTO_TRAIN_CASES = [
+    c for c in KTO_CASES if c.id.endswith(("-ragged17", "-max24drop"))
+] + [_kto("standard", "explicit", "bos", *APO, n_rows=14, tag="ragged14")]
+
+
+@pytest.mark.parametrize("case", KTO_TRAIN_CASES, ids=lambda c: c.id)
+def test_kto_training_batches_are_trls(case, models):
+    """TRL's KTO trains on its batches in dataset order (the sequential sampler its KL rows
+    need), the last one smaller: ours are the same rows and KL rows, in the same order,
+    epoch after epoch."""
+    from mlx_lm.utils import load_tokenizer
+
+    from mlx_lm_pref.batching import iterate_preference_batches
+    from mlx_lm_pref.data import PreferenceDataset
+
+    model, _, peft_dir = models[case.tok]
+    options, max_length = _our_options(case)
+    rows = case.rows()
+    ours = PreferenceDataset(
+        rows, load_tokenizer(model), options, max_seq_length=max_length
+    )
+    trainer = R.make_trainer(
+        case.method, model, peft_dir, rows, case.batch, BETA, **case.trl_config()
+    )
+    theirs = R.trl_kto_train_batches(trainer)
+    assert len(theirs[-1]) < len(theirs[0])  # a ragged last batch
+    batches = iterate_preference_batches(
+        ours, case.batch, max_length or 2048, loop=True, seed=0
+    )
+    got = []
+    for _ in range(2 * len(theirs)):
+        (batch,) = next(batches)
+        tokens, spans = np.array(batch.tokens), np.array(batch.spans)
+        got.append([t[:end].tolist() for t, (_, end) in zip(tokens, spans)])
+    assert got == theirs * 2, case.id
+
+
 # --------------------------------------------------------------------------- gradients
 
 GRAD_CASES = [

@@ -559,6 +559,23 @@ def trl_kto_tokens(trainer) -> List[dict]:
     return out
 
 
+def trl_kto_train_batches(trainer) -> List[List[List[int]]]:
+    """One epoch of a ``KTOTrainer``'s training batches in the order it trains on them
+    (its sequential sampler): per batch, the rows' ids, then their KL rows' ids (right
+    padding stripped)."""
+
+    def rows(ids, mask):
+        return [r[: int(m.sum())].tolist() for r, m in zip(ids, mask)]
+
+    out = []
+    for batch in trainer.get_train_dataloader():
+        seqs = rows(batch["input_ids"], batch["attention_mask"])
+        if "KL_input_ids" in batch:
+            seqs += rows(batch["KL_input_ids"], batch["KL_attention_mask"])
+        out.append(seqs)
+    return out
+
+
 def trl_dpo_tokens(trainer) -> List[dict]:
     return trl_tokens(trainer)
 
