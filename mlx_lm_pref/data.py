@@ -447,9 +447,9 @@ def label_balance(dataset, options) -> List[str]:
             f"{dataset.source}: every row is {'un' if not desirable else ''}desirable: "
             "KTO trains on it (as TRL), but rewards/margins is never reported."
         )
-    n_d = max(
-        desirable, 1
-    )  # TRL's own arithmetic (an all-undesirable set counts 1 each)
+    # TRL's own arithmetic: an all-undesirable set counts one desirable row, taken from
+    # the undesirable count
+    n_d = max(desirable, 1)
     n_u = max(len(labels) - n_d, 1)
     if n_d != n_u:
         w_d, w_u = options.desirable_weight, options.undesirable_weight

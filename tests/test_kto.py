@@ -170,6 +170,11 @@ def test_label_balance_says_what_trl_warns(tokenizer):
         "never reported"
         in label_balance(PreferenceDataset(one, tokenizer, KTO), KTO)[1]
     )
+    # all undesirable: TRL counts 1 desirable and 4 - 1 undesirable rows
+    none = [dict(r, label=False) for r in rows]
+    lines = label_balance(PreferenceDataset(none, tokenizer, KTO), KTO)
+    assert "never reported" in lines[1]
+    assert "[3.0, 3.99]" in lines[-1] and "[0.25, 0.33]" in lines[-1]
 
 
 # ---- the loss and its metrics ----

@@ -858,12 +858,9 @@ def _our_options(case):
     return PreferenceArgs.from_namespace(ns), ns.max_seq_length
 
 
-@pytest.mark.parametrize("case", TOKEN_CASES, ids=lambda c: c.id)
-def test_tokens_match_trl(case, models):
-    """Our pairs are the ids TRL feeds its model, with the same completion starts per side,
-    after the same truncation (and the same pairs dropped). KTO: our rows (unpaired as TRL
-    unpairs) are TRL's, with the same completion start, label and KL row (rotated within
-    chunks of the batch size, after the drop), cut the same way."""
+def _datasets(case, models):
+    """``(ours, trainer, max_length)``: our PreferenceDataset of ``case.rows()`` as our CLI
+    builds it, and TRL's trainer on the same rows."""
     from mlx_lm.utils import load_tokenizer
 
     from mlx_lm_pref.data import PreferenceDataset
@@ -877,6 +874,16 @@ def test_tokens_match_trl(case, models):
     trainer = R.make_trainer(
         case.method, model, peft_dir, rows, case.batch, BETA, **case.trl_config()
     )
+    return ours, trainer, max_length
+
+
+@pytest.mark.parametrize("case", TOKEN_CASES, ids=lambda c: c.id)
+def test_tokens_match_trl(case, models):
+    """Our pairs are the ids TRL feeds its model, with the same completion starts per side,
+    after the same truncation (and the same pairs dropped). KTO: our rows (unpaired as TRL
+    unpairs) are TRL's, with the same completion start, label and KL row (rotated within
+    chunks of the batch size, after the drop), cut the same way."""
+    ours, trainer, _ = _datasets(case, models)
     theirs = R.trl_tokens(trainer)
     assert len(ours) == len(theirs)
     fields = ("chosen", "rejected", "chosen_start", "rejected_start")
@@ -899,20 +906,9 @@ def test_kto_training_batches_are_trls(case, models):
     """TRL's KTO trains on its batches in dataset order (the sequential sampler its KL rows
     need), the last one smaller: ours are the same rows and KL rows, in the same order,
     epoch after epoch."""
-    from mlx_lm.utils import load_tokenizer
-
     from mlx_lm_pref.batching import iterate_preference_batches
-    from mlx_lm_pref.data import PreferenceDataset
 
-    model, _, peft_dir = models[case.tok]
-    options, max_length = _our_options(case)
-    rows = case.rows()
-    ours = PreferenceDataset(
-        rows, load_tokenizer(model), options, max_seq_length=max_length
-    )
-    trainer = R.make_trainer(
-        case.method, model, peft_dir, rows, case.batch, BETA, **case.trl_config()
-    )
+    ours, trainer, max_length = _datasets(case, models)
     theirs = R.trl_kto_train_batches(trainer)
     assert len(theirs[-1]) < len(theirs[0])  # a ragged last batch
     batches = iterate_preference_batches(
