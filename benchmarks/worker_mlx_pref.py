@@ -166,7 +166,7 @@ def build(method, model, tokens, spans, job):
         options,
         InitialAdapter(model) if options.reference == "initial_adapter" else None,
     )
-    model[METRICS_ATTRIBUTE] = mx.zeros((len(loss.metric_names),))  # as train() does
+    model[METRICS_ATTRIBUTE] = mx.zeros((len(loss.metric_names), 2))  # as train() does
     batch = preference_batch(model, options, job)
     if options.reference == "precomputed":  # scored once, outside the timed steps
         reference = mx.stop_gradient(sequence_logps_dpo(model, batch, options))

@@ -140,7 +140,7 @@ def iterate_preference_batches(
     offset, step = _ranks(comm_group, batch_size)
     kto = pairs.options.method == "kto"
     if kto:
-        pairs.assign_kl(kl_chunk(batch_size))
+        pairs = pairs.with_kl(kl_chunk(batch_size))
         batch_idx = _kto_batches(len(pairs), batch_size, offset, step)
     else:
         order = sorted(range(len(pairs)), key=lambda i: len(pairs[i]))
@@ -223,7 +223,7 @@ def iterate_eval_batches(
     if pairs.options.method == "kto":
         # The KL estimate and the label-conditional metrics are of a whole batch: every
         # rank evaluates every batch whole.
-        pairs.assign_kl(kl_chunk(batch_size))
+        pairs = pairs.with_kl(kl_chunk(batch_size))
         offset, step = 0, 1
     for first in range(0, len(pairs), batch_size):
         chunk = range(first, min(first + batch_size, len(pairs)))

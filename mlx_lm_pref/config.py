@@ -17,7 +17,7 @@ both paths, because YAML values never pass through argparse.
 import argparse
 import math
 from dataclasses import dataclass, field, fields, replace
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 DPO_LOSSES = (
     "sigmoid",
@@ -48,6 +48,57 @@ F_DIVERGENCE_LOSSES |= {"discopop", "sft", "cdpo"}
 REFERENCES = ("auto", "adapters_off", "initial_adapter", "precomputed", "none")
 TRUNCATION_MODES = ("keep_start", "keep_end")
 PROMPT_SHARING = ("auto", "true", "false")
+
+
+# The trainers whose TRL 1.16 config declares each option (DPOConfig, ORPOConfig, CPOConfig,
+# KTOConfig); the options not listed are read by every method. ``truncation_mode``'s only
+# other value, keep_end, is DPO's collator alone (ORPO and CPO cut the answer, KTO the end);
+# ``rpo_alpha`` is TRL 0.x's DPO option.
+READ_BY = {
+    "loss_weights": ("dpo",),
+    "label_smoothing": ("dpo", "cpo"),
+    "f_divergence_type": ("dpo",),
+    "f_alpha_divergence_coef": ("dpo",),
+    "ld_alpha": ("dpo",),
+    "use_weighting": ("dpo",),
+    "discopop_tau": ("dpo",),
+    "rpo_alpha": ("dpo",),
+    "truncation_mode": ("dpo",),
+    "cpo_loss_type": ("cpo",),
+    "cpo_alpha": ("cpo",),
+    "simpo_gamma": ("cpo",),
+    "alpha": ("cpo",),
+    "desirable_weight": ("kto",),
+    "undesirable_weight": ("kto",),
+    "reference": ("dpo", "kto"),
+}
+TRAINERS = {"dpo": "DPOTrainer", "orpo": "ORPOTrainer", "cpo": "CPOTrainer"}
+TRAINERS["kto"] = "KTOTrainer"
+# How TRL's other trainers cut a sequence longer than max_length (they have no keep_end).
+CUTS = {
+    "orpo": "has no truncation_mode: it keeps the prompt whole and cuts the answer",
+    "cpo": "has no truncation_mode: it keeps the prompt whole and cuts the answer",
+    "kto": "cuts rows longer than max_seq_length from the right only (keep_start)",
+}
+
+
+def unread_message(name, value, loss_type, method) -> str:
+    """Why ``name`` set to ``value`` is refused for ``method`` (see ``READ_BY``)."""
+    losses = ",".join(loss_type)
+    trainer = f"TRL's {TRAINERS[method]}"
+    if name == "reference":
+        why = f"reference {value} with loss_type {losses}: "
+        why += f"{method.upper()} has no reference model"
+    elif name == "truncation_mode":
+        why = f"truncation_mode {value}: {trainer} {CUTS[method]}"
+    elif name == "rpo_alpha":
+        why = "rpo_alpha applies to DPO loss types only; "
+        why += f"loss_type {losses} would ignore it"
+    else:
+        owners = " and ".join(m.upper() for m in READ_BY[name])
+        why = f"{name} is a {owners} option; {trainer} has no such option "
+        why += f"(loss_type {losses}) and would ignore it"
+    return f"{why}. Remove it."
 
 
 class ConfigError(ValueError):
@@ -308,20 +359,33 @@ class PreferenceArgs:
 
     def _normalise(self, set_):
         """Fold TRL's sugar into the canonical form (idempotent)."""
+        typed = self.loss_type
         names = tuple("sigmoid" if n == "dpo" else n for n in self.loss_type)
         if names == ("simpo",) or names == ("alphapo",):
             set_("cpo_loss_type", "simpo")
             if names == ("alphapo",):  # TRL CPOConfig: alphapo = simpo with cpo_alpha 0
                 set_("cpo_alpha", 0.0)
             names = ("cpo",)
-        if self.rpo_alpha is not None:
-            if set(names) & {"orpo", "cpo", *KTO_LOSSES} or names == ("sft",):
-                raise ConfigError("rpo_alpha applies to DPO loss types only.")
-            weights = self.loss_weights or (1.0,) * len(names)
-            names, weights = names + ("sft",), weights + (float(self.rpo_alpha),)
-            set_("loss_weights", weights)
-            set_("rpo_alpha", None)
         set_("loss_type", names)
+        self._refuse_unread(typed)
+        if self.rpo_alpha is not None and self.method == "dpo":
+            weights = self.loss_weights or (1.0,) * len(names)
+            set_("loss_type", names + ("sft",))
+            set_("loss_weights", weights + (float(self.rpo_alpha),))
+            set_("rpo_alpha", None)
+
+    def _refuse_unread(self, typed):
+        """An option set away from its default for a method whose TRL trainer has no such
+        option would be accepted and ignored: refuse it (``READ_BY``). An SFT run is
+        mlx-lm's, which ignores our keys."""
+        method = self.method
+        if method == "sft":
+            return
+        defaults = {f.name: f.default for f in fields(self)}
+        for name, methods in READ_BY.items():
+            value = getattr(self, name)
+            if method not in methods and value != defaults[name]:
+                raise ConfigError(unread_message(name, value, typed, method))
 
     def _validate(self):
         names, method = self.loss_type, self.method
@@ -370,7 +434,7 @@ class PreferenceArgs:
             raise ConfigError(f"cpo_alpha must be >= 0, got {self.cpo_alpha}.")
 
     def _validate_kto(self):
-        """KTO's own weights; the DPO-only options are refused rather than ignored."""
+        """KTO's own weights, and its reference."""
         for name in ("desirable_weight", "undesirable_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}.")
@@ -380,23 +444,11 @@ class PreferenceArgs:
             raise ConfigError(
                 "desirable_weight and undesirable_weight are both 0: nothing to train."
             )
-        dpo_only = {
-            "loss_weights": self.loss_weights is not None,
-            "label_smoothing": self.label_smoothing != 0.0,
-            "f_divergence_type": self.f_divergence_type != "reverse_kl",
-            "ld_alpha": self.ld_alpha is not None,
-            "use_weighting": self.use_weighting,
-        }
-        for name, set_ in dpo_only.items():
-            if set_:
-                raise ConfigError(
-                    f"{name} is a DPO option; TRL's KTOTrainer has no such option "
-                    f"(loss_type {self.loss_type[0]}). Remove it."
-                )
-        if self.truncation_mode != "keep_start":
+        if self.reference == "none":
             raise ConfigError(
-                f"truncation_mode {self.truncation_mode}: TRL's KTOTrainer cuts rows "
-                "longer than max_seq_length from the right only (keep_start). Remove it."
+                f"reference none with loss_type {self.loss_type[0]}: TRL's KTOTrainer "
+                "always has a reference model. Use reference auto (or adapters_off, "
+                "initial_adapter, precomputed)."
             )
 
     @property
@@ -488,32 +540,121 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         )
 
 
-# TRL option names a preference run's YAML may carry from a TRL script, that are not ours:
-# mlx-lm would keep and ignore them (``max_length: 1024`` would train at 2048 tokens).
-# Name -> what to write here instead.
+class Instead(NamedTuple):
+    """What to write instead of a TRL option name: ``option`` (ours or mlx-lm's) set to
+    ``value`` if a particular one, or, where ``option`` is None, nothing: ``note`` says why.
+    """
+
+    option: Optional[str]
+    value: str = ""
+    note: str = ""
+
+
+UNSUPPORTED_REFERENCE = (
+    "TR-DPO's reference updates: the reference stays as training starts"
+)
+# TRL option names that are not ours: the fields DPOConfig, ORPOConfig, CPOConfig and KTOConfig
+# declare themselves (tests/test_gate.py checks that each is ours or listed here), the common
+# TrainingArguments ones, and TRL 0.x's. In a preference YAML mlx-lm would keep and ignore them
+# (``max_length: 1024`` would train at 2048 tokens); on the command line argparse would say
+# "unrecognized arguments". Both name what to write instead.
 TRL_NAMES = {
-    "max_length": "max_seq_length",
-    "max_completion_length": "max_seq_length (a limit on the whole sequence)",
-    "per_device_train_batch_size": "batch_size",
-    "per_device_eval_batch_size": "batch_size",
-    "gradient_accumulation_steps": "grad_accumulation_steps",
-    "gradient_checkpointing": "grad_checkpoint",
-    "num_train_epochs": "iters (optimizer steps)",
-    "max_steps": "iters",
-    "logging_steps": "steps_per_report",
-    "eval_steps": "steps_per_eval",
-    "save_steps": "save_every",
-    "output_dir": "adapter_path",
-    "lr_scheduler_type": "lr_schedule",
-    "warmup_steps": "lr_schedule (its warmup)",
-    "weight_decay": "optimizer: adamw with optimizer_config",
-    "precompute_ref_log_probs": "reference: precomputed",
-    "reference_free": "reference: none",
-    "sync_ref_model": "reference (the base model or the initial adapter; TR-DPO's "
-    "reference updates are not supported)",
-    "ref_model_mixup_alpha": "reference (TR-DPO's reference updates are not supported)",
-    "ref_model_sync_steps": "reference (TR-DPO's reference updates are not supported)",
+    "max_length": Instead(
+        "max_seq_length", note="mlx-lm's default is 2048, TRL's 1024"
+    ),
+    "max_prompt_length": Instead(
+        "max_seq_length",
+        note="a limit on the whole sequence; TRL 1.x dropped max_prompt_length, and "
+        "prompts are not cut on their own",
+    ),
+    "max_completion_length": Instead(
+        "max_seq_length",
+        note="a limit on the whole sequence; completions are not cut on their own",
+    ),
+    "per_device_train_batch_size": Instead(
+        "batch_size", note="the batch of all processes together"
+    ),
+    "per_device_eval_batch_size": Instead(
+        "batch_size", note="validation and --test batches are training's size"
+    ),
+    "gradient_accumulation_steps": Instead("grad_accumulation_steps"),
+    "gradient_checkpointing": Instead("grad_checkpoint"),
+    "num_train_epochs": Instead("iters", note="optimizer steps, not epochs"),
+    "max_steps": Instead("iters"),
+    "logging_steps": Instead("steps_per_report"),
+    "eval_steps": Instead("steps_per_eval"),
+    "save_steps": Instead("save_every"),
+    "output_dir": Instead("adapter_path"),
+    "lr_scheduler_type": Instead("lr_schedule"),
+    "warmup_steps": Instead("lr_schedule", note="its warmup"),
+    "weight_decay": Instead(
+        "optimizer", "adamw", "with weight_decay under optimizer_config: adamw"
+    ),
+    "precompute_ref_log_probs": Instead("reference", "precomputed"),
+    "precompute_ref_batch_size": Instead(
+        None, note="reference: precomputed scores in batches of batch_size"
+    ),
+    "reference_free": Instead("reference", "none"),
+    "sync_ref_model": Instead(None, note=UNSUPPORTED_REFERENCE),
+    "ref_model_mixup_alpha": Instead(None, note=UNSUPPORTED_REFERENCE),
+    "ref_model_sync_steps": Instead(None, note=UNSUPPORTED_REFERENCE),
+    "model_init_kwargs": Instead(
+        None, note="mlx_lm.load loads --model; trust_remote_code is mlx-lm's own option"
+    ),
+    "router_aux_loss_coef": Instead(
+        None, note="no router auxiliary loss is added for mixture-of-experts models"
+    ),
+    "disable_dropout": Instead(
+        None,
+        note="mlx-lm's models have no dropout but LoRA's, lora_parameters' dropout, 0 "
+        "by default",
+    ),
+    "dataset_num_proc": Instead(
+        None, note="the rows are tokenized in one process, before the model loads"
+    ),
+    "padding_free": Instead(
+        None, note="batches are padded; prompt_sharing runs each prompt once instead"
+    ),
+    "pad_to_multiple_of": Instead(
+        None, note="batches are padded to one more than a multiple of 32 tokens"
+    ),
+    "pad_token": Instead(None, note="padding is masked out: its token does not matter"),
+    "padding_value": Instead(
+        None, note="padding is masked out: its token does not matter"
+    ),
+    "activation_offloading": Instead(
+        None, note="grad_checkpoint saves activation memory by recomputing instead"
+    ),
+    "generate_during_eval": Instead(
+        None, note="generate with mlx_lm.generate --adapter-path after training"
+    ),
+    "is_encoder_decoder": Instead(None, note="mlx-lm trains decoder-only models"),
 }
+# mlx-lm options that have no command-line flag.
+YAML_ONLY = {"hf_dataset", "lr_schedule", "lora_parameters", "optimizer_config"}
+
+
+def trl_hint(name: str, cli: bool = False) -> str:
+    """The one line that refuses TRL's option ``name``, spelt as a flag (``cli``) or as a
+    YAML key."""
+    instead = TRL_NAMES[name]
+
+    def spell(option):
+        if not cli:
+            return option
+        if option in YAML_ONLY:
+            return f"{option} in a --config YAML file"
+        return "--" + option.replace("_", "-")
+
+    said = f"{spell(name)} is" if cli else f"'{name}' is"
+    said += " TRL's name, not mlx-lm's" + ("" if cli else " (which would ignore it)")
+    if instead.option is None:
+        return f"{said}: not supported ({instead.note})."
+    use = spell(instead.option)
+    if instead.value:
+        use += (" " if cli else ": ") + instead.value
+    note = f" ({instead.note})" if instead.note else ""
+    return f"{said}; use {use}{note}."
 
 
 def edit_distance(a: str, b: str) -> int:

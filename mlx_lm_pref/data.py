@@ -42,7 +42,7 @@ false for an undesirable one), standard or conversational. Paired rows are unpai
 ``UNPAIR_BLOCK`` pairs, every chosen completion (label true), then every rejected one. Each row
 is tokenized as one DPO side (EOS appended to standard completions; the completion starts where
 prompt and prompt+completion diverge); a row whose prompt alone reaches ``max_seq_length`` is
-dropped and counted, the others are cut to ``max_seq_length``. The KL rows (``assign_kl``) pair
+dropped and counted, the others are cut to ``max_seq_length``. The KL rows (``with_kl``) pair
 each row's prompt with the completion of the row before it within consecutive chunks of the
 batch size (the first row of a chunk takes the last row's), as TRL's
 ``add_kl_completion_ids``, and are cut the same way.
@@ -51,11 +51,13 @@ Every row is checked before anything is tokenized; a bad row raises ``DataError`
 source (file), the line and the field.
 """
 
+import copy
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
+from .compat import token_ids
 from .config import PreferenceArgs, close_match
 from .console import log
 
@@ -99,7 +101,7 @@ class Pair:
 class Example:
     """One tokenized unpaired (KTO) row: ``sequence`` is prompt + completion, the completion
     ``sequence[start:]``; ``kl_sequence`` is the same prompt followed by another row's
-    completion (its completion also from ``start``), None until ``assign_kl`` or without a KL
+    completion (its completion also from ``start``), None until ``with_kl`` or without a KL
     term. ``reference`` holds precomputed reference log-probs ``(row, KL row)``, if any.
     """
 
@@ -146,11 +148,15 @@ def _is_messages(value) -> bool:
 
 def extract_prompt(chosen, rejected) -> tuple:
     """TRL's ``extract_prompt``: the longest shared prefix (of messages, or of characters,
-    backing off a trailing space) is the prompt."""
+    backing off a trailing space) is the prompt; where nothing is shared, it is empty.
+    (TRL's back-off then reads ``chosen[-1]``: a chosen ending with a space would become the
+    prompt but for its last character, ``'Sure thing. '`` and ``'Nope'`` turning into
+    ``'Sure thing.'``, ``' '`` and ``'e'``. Here they stay whole, as TRL keeps
+    ``'Sure thing.'`` and ``'Nope'``.)"""
     idx = 0
     for idx in range(min(len(chosen), len(rejected))):
         if chosen[idx] != rejected[idx]:
-            if isinstance(chosen, str) and chosen[idx - 1] == " ":
+            if idx > 0 and isinstance(chosen, str) and chosen[idx - 1] == " ":
                 idx -= 1
             break
     return chosen[:idx], chosen[idx:], rejected[idx:]
@@ -191,7 +197,7 @@ def _check_row(row, where: str, columns=COLUMNS) -> tuple:
             raise DataError(
                 f"{where}: field '{key}' is missing (found {sorted(map(str, row))}); "
                 f"preference rows need '{chosen_key}' and '{rejected_key}' (and usually "
-                f"'{prompt_key}')."
+                f"'{prompt_key}')." + _format_hint(row, columns)
             )
     # The prompt (or, without one, chosen) sets the format the other fields must follow.
     conversational = _is_messages(row.get(prompt_key, row[chosen_key]))
@@ -202,6 +208,12 @@ def _check_row(row, where: str, columns=COLUMNS) -> tuple:
         _check_field(row[chosen_key], chosen_key, conversational, where)
         _check_field(row[rejected_key], rejected_key, conversational, where)
         prompt, chosen, rejected = extract_prompt(row[chosen_key], row[rejected_key])
+        if conversational and not prompt:  # a chat template needs a message to answer
+            raise DataError(
+                f"{where}: no '{prompt_key}' field, and the first messages of "
+                f"'{chosen_key}' and '{rejected_key}' differ: the conversation has no "
+                f"prompt. Add a '{prompt_key}' field."
+            )
     _check_field(chosen, chosen_key, conversational, where)
     _check_field(rejected, rejected_key, conversational, where)
     for key in ("tools", "chat_template_kwargs"):
@@ -227,6 +239,7 @@ def _check_unpaired_row(row, where: str, columns=COLUMNS) -> tuple:
                 f"{where}: field '{key}' is missing (found {sorted(map(str, row))}); KTO "
                 f"rows need '{prompt_key}', '{completion_key}' and 'label' (or preference "
                 "pairs with 'chosen' and 'rejected', which are unpaired)."
+                + _format_hint(row, columns, unpaired=True)
             )
     label = row["label"]
     if not isinstance(label, bool):
@@ -241,6 +254,32 @@ def _check_unpaired_row(row, where: str, columns=COLUMNS) -> tuple:
     for key in ("tools", "chat_template_kwargs"):
         _check_extra(row.get(key), key, where)
     return row[prompt_key], row[completion_key], label, conversational
+
+
+def _format_hint(row, columns, unpaired=False) -> str:
+    """What a row lacking this method's fields is, where it is another method's: KTO's
+    unpaired rows given to DPO, ORPO or CPO, or mlx-lm's SFT rows given to any of them.
+    """
+    keys = set(map(str, row))
+    completion = columns["completion"]
+    if keys & {columns["chosen"], columns["rejected"]}:
+        return ""
+    if not unpaired and {completion, "label"} <= keys:
+        return (
+            " It is an unpaired (KTO) row: train on such rows with --loss-type kto (or "
+            "apo_zero_unpaired)."
+        )
+    if not unpaired and {columns["prompt"], completion} <= keys:
+        return (
+            " It is in mlx-lm's SFT format (prompt, completion): train on it without "
+            "--loss-type, or give each row a boolean 'label' and use --loss-type kto."
+        )
+    if keys & {"text", "messages"} and completion not in keys:
+        return (
+            " It is in mlx-lm's SFT format (text or messages): train on it without "
+            "--loss-type."
+        )
+    return ""
 
 
 def _check_extra(value, key, where):
@@ -336,12 +375,6 @@ def _template_args(tokenizer, row) -> tuple:
     return apply, tools, row.get("chat_template_kwargs") or {}
 
 
-def _ids(encoded) -> List[int]:
-    if isinstance(encoded, dict) or hasattr(encoded, "keys"):
-        encoded = encoded["input_ids"]
-    return list(encoded)
-
-
 def tokenize_dpo(tokenizer, prompt, chosen, rejected, conversational, row) -> Pair:
     """TRL 1.16 ``DPOTrainer._prepare_dataset``'s tokenization (no truncation)."""
     hf = _hf(tokenizer)
@@ -349,7 +382,7 @@ def tokenize_dpo(tokenizer, prompt, chosen, rejected, conversational, row) -> Pa
         apply, tools, kwargs = _template_args(tokenizer, row)
 
         def encode(messages, **extra):
-            return _ids(
+            return token_ids(
                 apply(
                     messages,
                     tools=tools,
@@ -367,9 +400,9 @@ def tokenize_dpo(tokenizer, prompt, chosen, rejected, conversational, row) -> Pa
         eos = hf.eos_token
         chosen = chosen if chosen.endswith(eos) else chosen + eos
         rejected = rejected if rejected.endswith(eos) else rejected + eos
-        prompt_ids = _ids(hf(prompt))
-        chosen_ids = _ids(hf(prompt + chosen))
-        rejected_ids = _ids(hf(prompt + rejected))
+        prompt_ids = token_ids(hf(prompt))
+        chosen_ids = token_ids(hf(prompt + chosen))
+        rejected_ids = token_ids(hf(prompt + rejected))
     start = min(
         common_prefix_length(prompt_ids, chosen_ids),
         common_prefix_length(prompt_ids, rejected_ids),
@@ -385,7 +418,7 @@ def tokenize_kto(tokenizer, prompt, completion, label, conversational, row) -> E
         apply, tools, kwargs = _template_args(tokenizer, row)
 
         def encode(messages, **extra):
-            return _ids(
+            return token_ids(
                 apply(
                     messages,
                     tools=tools,
@@ -401,8 +434,8 @@ def tokenize_kto(tokenizer, prompt, completion, label, conversational, row) -> E
     else:
         eos = hf.eos_token
         completion = completion if completion.endswith(eos) else completion + eos
-        prompt_ids = _ids(hf(prompt))
-        sequence = _ids(hf(prompt + completion))
+        prompt_ids = token_ids(hf(prompt))
+        sequence = token_ids(hf(prompt + completion))
     return Example(sequence, common_prefix_length(prompt_ids, sequence), label)
 
 
@@ -498,7 +531,7 @@ def tokenize_orpo(tokenizer, prompt, chosen, rejected, conversational, row) -> P
         )
 
     def encode(text):
-        return _ids(hf(text, add_special_tokens=False))
+        return token_ids(hf(text, add_special_tokens=False))
 
     prompt_ids = encode(prompt)
     sides = []
@@ -614,6 +647,8 @@ class PreferenceDataset:
         self._pairs = []
         self.dropped = 0
         self.identical = 0
+        # pairs whose chosen and rejected share no beginning: trained whole, as TRL does
+        self.promptless = sum(1 for item in checked if paired and not item[2][0])
         self.paired = paired
         self.unit = "rows" if method == "kto" else "pairs"
         total = len(checked)
@@ -674,24 +709,53 @@ class PreferenceDataset:
             self._pairs.append(replace(example, sequence=example.sequence[:cut]))
         self.kl_chunk = None
 
-    def assign_kl(self, chunk: int) -> None:
-        """Give every row its KL row (``kl_rotation`` within chunks of ``chunk`` rows, the
-        batch size), for ``loss_type: kto``; nothing for a loss without the KL
-        term. Kept while ``chunk`` stays the same (with any precomputed references)."""
+    def _with_pairs(self, pairs, **changes) -> "PreferenceDataset":
+        """A copy of this dataset holding ``pairs`` (and ``changes`` to its attributes):
+        datasets are never changed once built."""
+        other = copy.copy(self)
+        other._pairs = pairs
+        for name, value in changes.items():
+            setattr(other, name, value)
+        return other
+
+    @property
+    def has_reference(self) -> bool:
+        return bool(self._pairs) and self._pairs[0].reference is not None
+
+    def with_kl(self, chunk: int) -> "PreferenceDataset":
+        """This dataset with every row's KL row (``kl_rotation`` within chunks of
+        ``chunk`` rows, the batch size), for ``loss_type: kto``; itself for a loss without
+        the KL term or when its KL rows are already of that chunk. Reference log-probs
+        are of the KL rows they were computed with: a dataset holding them refuses
+        another chunk rather than drop them."""
         if not self.options.kl_term or self.kl_chunk == chunk:
-            return
+            return self
+        if self.has_reference:
+            raise ValueError(
+                f"{self.source}: its reference log-probs were computed for the KL rows of "
+                f"batches of {self.kl_chunk} rows, not {chunk}: score it with the batch "
+                "size it was precomputed with."
+            )
         others = kl_rotation(len(self._pairs), chunk)
-        self._pairs = [
+        pairs = [
             replace(
                 e,
                 kl_sequence=(e.sequence[: e.start] + self._completions[j])[
                     : self.max_seq_length
                 ],
-                reference=None,
             )
             for e, j in zip(self._pairs, others)
         ]
-        self.kl_chunk = chunk
+        return self._with_pairs(pairs, kl_chunk=chunk)
+
+    def with_reference(self, values) -> "PreferenceDataset":
+        """This dataset with reference log-probs: ``values`` (N, 2) per pair, chosen and
+        rejected (KTO: the row and its KL row)."""
+        pairs = [
+            replace(p, reference=(float(c), float(r)))
+            for p, (c, r) in zip(self._pairs, values)
+        ]
+        return self._with_pairs(pairs)
 
     @property
     def labels(self) -> List[bool]:
@@ -728,6 +792,13 @@ class PreferenceDataset:
                 f"{self.source}: dropped {self.dropped} of {tokenized} {self.unit} whose "
                 f"prompt alone reaches max_seq_length={max_seq_length}."
             )
+        if self.promptless:
+            log(
+                f"{self.source}: {self.promptless} of {rows} pairs have no prompt: no "
+                f"'{columns['prompt']}' field, and chosen and rejected share no beginning "
+                "(trained on whole, as TRL does; add a prompt field, or prompt_feature: "
+                "NAME to read one)."
+            )
         if self.identical:
             done = "dropped" if self.options.identical_pairs == "drop" else "kept"
             log(
@@ -757,6 +828,7 @@ class PreferenceDataset:
         joined._pairs = [p for d in datasets for p in d._pairs]
         joined.dropped = sum(d.dropped for d in datasets)
         joined.identical = sum(d.identical for d in datasets)
+        joined.promptless = sum(d.promptless for d in datasets)
         for name in ("max_seq_length", "paired", "unit"):
             setattr(joined, name, getattr(datasets[0], name))
         if joined.options.method == "kto":

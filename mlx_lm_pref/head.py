@@ -10,16 +10,21 @@ chained (``mx.depends``) so that one is reduced before the next is computed: no 
 than a tile ever exists.
 
 Gradient: d lse / d h = softmax(z) @ W, which the forward pass accumulates tile by tile (q);
-the custom VJP is g * q, so the backward pass recomputes no tile (as Liger-Kernel takes its
-gradients in the forward pass; TRL 1.16's ``_ChunkedLogProbFunction`` recomputes them). The
-target's logit is a gathered dot product, differentiated as usual. The output layer's own
-weight gets no gradient: mlx-lm never trains it (LoRA leaves it alone, full fine-tuning
-unfreezes the transformer blocks), and a model whose output layer trains keeps the whole
-logits (``chunkable``).
+the custom VJP gives h the gradient g * q without recomputing a tile (as Liger-Kernel takes
+its input gradient in the forward pass). Where the output layer trains (full fine-tuning, a script's
+own unfreezing, and every weight in mlx-lm's ``--test``-only runs, which freeze nothing), its
+weight and bias are primal inputs of the same VJP: d lse / d W[tile] = (g p[tile])^T h and
+d lse / d b[tile] = sum_n g p[tile], tile by tile in the backward pass, which recomputes each
+tile's logits (the per-row cotangent g is unknown in the forward pass; TRL 1.16's
+``_ChunkedLogProbFunction`` recomputes them too), chained as the forward's tiles. The target's
+logit is a gathered dot product with the layer's own (traced) weight, differentiated as
+usual, so tied embeddings add up their input-embedding and output-layer gradients. A
+quantized layer whose arrays train is left to the whole logits (``head_for``).
 
-Precision: within a tile, sums go through blocks of 64 entries. One float32 reduction over a
-262k-wide axis is off by ~1e-4 per token on mlx's CPU backend (sequential summation); tiles
-of blocks are off by ~1e-6 (measured against float64, see tests/test_head.py).
+Precision: sums over a tile's vocabulary rows go through ``logps.blocked_sum`` (blocks of 64
+entries, then blocks of the block sums). One float32 reduction over a 262k-wide axis is off
+by ~5e-4 per token on mlx's CPU backend (sequential summation); tiles of blocks are off by
+~1e-6 (measured against float64, see tests/test_head.py).
 """
 
 from typing import Optional
@@ -28,12 +33,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .compat import quantization, result_dtype
 from .config import ConfigError
 from .console import log
-from .logps import TokenStats, logits_token_stats
+from .logps import BLOCK, TokenStats, blocked_sum
 
 F32 = mx.float32
-BLOCK = 64
 # A tile holds about this many float32 logits (positions x vocabulary rows, 16 MiB), and its
 # float32 weight rows (vocabulary rows x hidden) at most as many; never fewer than MIN_TILE
 # rows (a batch of more than 4,096 positions has tiles of MIN_TILE rows, so larger ones).
@@ -46,42 +51,63 @@ MIN_VOCABULARY = 4096
 
 class Head:
     """The output layer's weights: logits = x @ W.T (+ b), W of shape (V, H), plain or
-    quantized (mlx's ``quantized_matmul`` on slices of rows)."""
+    quantized (mlx's ``quantized_matmul`` on slices of rows). ``arrays`` (name -> array)
+    stand in for the layer's own (``using``)."""
 
-    def __init__(self, layer):
+    def __init__(self, layer, arrays=None):
         self.layer = layer
+        self.arrays = dict(arrays or {})
         self.quantized = isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding))
-        linear = isinstance(layer, (nn.Linear, nn.QuantizedLinear))
-        self.bias = layer.get("bias") if linear else None
         self.vocab = layer["weight"].shape[0]
+
+    def _get(self, name):
+        """The array ``name`` (None where the layer has none: an embedding's bias)."""
+        return self.arrays[name] if name in self.arrays else self.layer.get(name)
+
+    @property
+    def weight(self):
+        return self._get("weight")
+
+    @property
+    def bias(self):
+        return self._get("bias")
+
+    def using(self, arrays) -> "Head":
+        """This head computing with ``arrays`` (name -> array) instead of the layer's own:
+        a custom function's primal inputs, which its VJP gives a gradient."""
+        return Head(self.layer, {**self.arrays, **arrays})
 
     def dtype(self, x):
         """The dtype of the logits of x, before the float32 cast: the model's."""
-        w = self.layer["scales"] if self.quantized else self.layer["weight"]
-        # x @ w.T's promotion, from a 0-d sum that is never evaluated (mx.result_type is
-        # mlx >= 0.31 only).
-        return (mx.zeros((), x.dtype) + mx.zeros((), w.dtype)).dtype
+        w = self._get("scales") if self.quantized else self.weight
+        return result_dtype(x.dtype, w.dtype)  # x @ w.T's promotion
 
     @property
     def trains(self) -> bool:
-        """Whether the layer has trainable parameters (the tiles give h its gradient, not
-        the layer: see ``tiled_token_stats``)."""
+        """Whether the layer has trainable parameters."""
         return bool(tree_flatten(self.layer.trainable_parameters()))
 
+    def trainable(self) -> dict:
+        """The layer's weight and bias that train (name -> array): the tiles' VJP gives
+        them their gradient. Empty for a quantized layer (its weight never trains; one
+        whose scales or bias train keeps the whole logits: ``head_for``)."""
+        if self.quantized:
+            return {}
+        trains = dict(tree_flatten(self.layer.trainable_parameters()))
+        return {name: self._get(name) for name in ("weight", "bias") if name in trains}
+
     def _q(self):
-        layer = self.layer
-        extra = {"mode": layer.mode} if hasattr(layer, "mode") else {}
-        return dict(group_size=layer.group_size, bits=layer.bits, **extra)
+        return quantization(self.layer)
 
     def logits(self, x, start=0, stop=None):
         """(N, stop - start) float32 logits of vocabulary rows [start, stop)."""
-        w = self.layer["weight"][start:stop]
+        w = self.weight[start:stop]
         if self.quantized:
-            biases = self.layer.get("biases")
+            biases = self._get("biases")
             z = mx.quantized_matmul(
                 x,
                 w,
-                scales=self.layer["scales"][start:stop],
+                scales=self._get("scales")[start:stop],
                 biases=None if biases is None else biases[start:stop],
                 transpose=True,
                 **self._q(),
@@ -94,12 +120,12 @@ class Head:
 
     def _weight(self, index):
         """The float32 weight rows ``W[index]`` (dequantized for a quantized layer)."""
-        w = self.layer["weight"][index]
+        w = self.weight[index]
         if self.quantized:
-            biases = self.layer.get("biases")
+            biases = self._get("biases")
             w = mx.dequantize(
                 w,
-                scales=self.layer["scales"][index],
+                scales=self._get("scales")[index],
                 biases=None if biases is None else biases[index],
                 **self._q(),
             )
@@ -172,18 +198,6 @@ def tile_size(positions: int, vocab: int, hidden: int) -> int:
     return min(tile - tile % BLOCK, vocab)
 
 
-def _sum(x):
-    """Sum over the last axis in blocks of BLOCK (then over the blocks)."""
-    n = x.shape[-1]
-    whole = n - n % BLOCK
-    total = 0.0
-    if whole:
-        total = x[..., :whole].reshape(*x.shape[:-1], -1, BLOCK).sum(-1).sum(-1)
-    if n % BLOCK:
-        total = total + x[..., whole:].sum(-1)
-    return total
-
-
 def _tile_pass(h, targets, head, tile, want, with_q, after=None):
     """One chained pass over the vocabulary tiles: ``(lse, q, extras)`` per row of h
     (N, H); q (N, H) = softmax @ W when ``with_q``. ``after``: arrays the first tile waits
@@ -209,11 +223,11 @@ def _tile_pass(h, targets, head, tile, want, with_q, after=None):
         new = mx.maximum(m, zmax)
         rescale = mx.exp(m - new)
         e = mx.exp(z - new[:, None])
-        s = s * rescale + _sum(e)
+        s = s * rescale + blocked_sum(e)
         if with_q:
             q = q * rescale[:, None] + head.transposed(e, start, stop)
         if sx is not None:
-            sx = sx * rescale + _sum(e * z)
+            sx = sx * rescale + blocked_sum(e * z)
         if "top1" in want:  # strict >: the first maximum wins, as argmax
             better = zmax > best
             best_id = mx.where(
@@ -222,7 +236,7 @@ def _tile_pass(h, targets, head, tile, want, with_q, after=None):
             best = mx.maximum(best, zmax)
         if "log_sum_sq" in want:
             new2 = mx.maximum(m2, 2 * zmax)
-            s2 = s2 * mx.exp(m2 - new2) + _sum(mx.exp(2 * z - new2[:, None]))
+            s2 = s2 * mx.exp(m2 - new2) + blocked_sum(mx.exp(2 * z - new2[:, None]))
             m2 = new2
         m = new
     lse = m + mx.log(s)
@@ -236,18 +250,52 @@ def _tile_pass(h, targets, head, tile, want, with_q, after=None):
     return lse, (q / s[:, None] if with_q else None), extras
 
 
-def _lse_with_gradient(head, targets, tile, want):
-    """lse(h) (and the metrics) with d lse / dh = q from the forward pass."""
+def _layer_gradients(h, g, lse, head, tile, names):
+    """The gradient of sum_n g_n lse_n with respect to the layer's arrays ``names``
+    (``weight``, ``bias``), tile by tile: for p = exp(z - lse) the tile's softmax entries
+    (N, tile), from its logits z recomputed from h (N, H), W[tile] gets (g p)^T h
+    (tile, H) and b[tile] gets sum_n g_n p (tile,). Chained as the forward pass's tiles.
+
+    Returns:
+        the gradients, in ``names``' order, each of its array's shape and dtype.
+    """
+    dtypes = {name: getattr(head, name).dtype for name in names}
+    parts = {name: [] for name in names}
+    x, h32 = h, h.astype(F32)
+    for start in range(0, head.vocab, tile):
+        stop = min(start + tile, head.vocab)
+        if start:  # as in _tile_pass: this tile after the last one's gradient
+            x = mx.depends(h, [parts[name][-1] for name in names])
+        gp = g[:, None] * mx.exp(head.logits(x, start, stop) - lse[:, None])
+        if "weight" in parts:
+            parts["weight"].append((gp.T @ h32).astype(dtypes["weight"]))
+        if "bias" in parts:
+            parts["bias"].append(gp.sum(0).astype(dtypes["bias"]))
+    return [mx.concatenate(parts[name]) for name in names]
+
+
+def _lse_with_gradient(head, targets, tile, want, names):
+    """``lse(h, *arrays)``: ``_tile_pass``'s ``(lse, q, *extras in sorted order)`` of h
+    (N, H), through ``head`` computing with ``arrays``, the layer's arrays ``names``
+    (``Head.trainable``). Its VJP: d lse / d h = q, from the forward pass; the arrays'
+    gradients from ``_layer_gradients``."""
 
     @mx.custom_function
-    def lse(h):
-        value, q, extras = _tile_pass(h, targets, head, tile, want, with_q=True)
+    def lse(h, *arrays):
+        bound = head.using(dict(zip(names, arrays)))
+        value, q, extras = _tile_pass(h, targets, bound, tile, want, with_q=True)
         return (value, q, *(extras[k] for k in sorted(extras)))
 
     @lse.vjp
     def lse_vjp(primals, cotangents, outputs):
-        g, q = cotangents[0], outputs[1]
-        return (g[:, None] * q).astype(primals[0].dtype)
+        # one primal (h alone) comes bare, several as a tuple
+        h, *arrays = primals if names else (primals,)
+        g, value, q = cotangents[0], outputs[0], outputs[1]
+        dh = (g[:, None] * q).astype(h.dtype)
+        if not names:
+            return dh
+        bound = head.using(dict(zip(names, arrays)))
+        return (dh, *_layer_gradients(h, g, value, bound, tile, names))
 
     return lse
 
@@ -257,20 +305,20 @@ def tiled_token_stats(
 ):
     """``TokenStats`` of hidden states h (..., H) and targets (...) through ``head``.
 
-    ``want`` names the extras (``WANTS``); only ``logps`` carries a gradient, the extras
-    are metrics. ``tile``: vocabulary rows per tile (``tile_size`` if None); ``after``:
-    arrays the tiles wait for (see ``_tile_pass``). The tiles give h its gradient, not the
-    layer's weights: an output layer that trains (a script's own unfreezing; mlx-lm never
-    trains it) gets the whole logits, so that its gradient is there.
+    ``want`` names the extras (``WANTS``); only ``logps`` carries a gradient (with
+    ``grad``: to h, and to the layer's weight and bias where they train), the extras are
+    metrics. ``tile``: vocabulary rows per tile (``tile_size`` if None); ``after``: arrays
+    the tiles wait for (see ``_tile_pass``).
     """
-    if grad and head.trains:
-        return logits_token_stats(head.logits(h), targets, want, grad)
     shape = targets.shape
     h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
     tile = tile or tile_size(h.shape[0], head.vocab, h.shape[1])
     wanted = want - {"vocab_mean"}
     if grad:
-        value, _, *rest = _lse_with_gradient(head, targets, tile, wanted)(h)
+        trainable = head.trainable()
+        names = sorted(trainable)
+        lse = _lse_with_gradient(head, targets, tile, wanted, names)
+        value, _, *rest = lse(h, *(trainable[name] for name in names))
         extras = dict(zip(sorted(wanted), rest))
     else:
         h = mx.stop_gradient(h)
@@ -279,7 +327,8 @@ def tiled_token_stats(
     target_logits = (h.astype(F32) * rows).sum(-1) + bias
     if head.dtype(h) != F32:  # rounded as the tiles' logits are (and the whole logits)
         target_logits = target_logits.astype(head.dtype(h)).astype(F32)
-    stats = {"logps": target_logits - value}
+    logps = target_logits - value
+    stats = {"logps": logps if grad else mx.stop_gradient(logps)}
     stats.update({k: mx.stop_gradient(v) for k, v in extras.items()})
     if "vocab_mean" in want:
         stats["vocab_mean"] = vocab_mean(h, head)
@@ -302,14 +351,17 @@ def vocab_mean(h, head) -> mx.array:
 def head_for(model, chunk_size: str):
     """``(Head, tile)`` to run ``model``'s output layer in tiles (tile None: sized per
     batch), or ``(None, None)`` for the whole logits: ``head_chunk_size`` ``0``, or
-    ``auto`` on a small vocabulary or an output layer of another kind (``chunkable``
-    checks a model before a run relies on it)."""
+    ``auto`` on a small vocabulary or an output layer of another kind, or a quantized
+    output layer whose arrays train (``chunkable`` checks a model before a run relies on
+    it)."""
     if chunk_size == "0":
         return None, None
     layer = output_layer(model)
     if not isinstance(layer, PLAIN):
         return None, None
     head = Head(layer)
+    if head.quantized and head.trains:  # the tiles differentiate plain weights only
+        return None, None
     if chunk_size == "auto":
         return (head, None) if head.vocab >= MIN_VOCABULARY else (None, None)
     return head, int(chunk_size)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.tuner.callbacks import TrainingCallback
 
 from .console import is_main_rank
@@ -33,32 +34,61 @@ COMPACT = (
 )
 
 
-# KTO: TRL logs a label-conditional metric only at the steps (evaluation batches) that hold a
-# row of that label, and averages it over those; the hidden flag of each counts them.
-PRESENT_WHEN = {
-    "rewards/chosen": "_chosen",
-    "logps/chosen": "_chosen",
-    "logits/chosen": "_chosen",
-    "rewards/rejected": "_rejected",
-    "logps/rejected": "_rejected",
-    "logits/rejected": "_rejected",
-    "rewards/margins": "_both",
-}
+# Totals over the ranks, not ratios: a step's value is its numerators summed.
+COUNTS = ("num_tokens",)
 
 
-def average_metrics(names, sums, count) -> dict:
-    """The named metrics from ``sums`` of their per-step values over ``count`` steps: each
-    the mean over the steps it was logged at (a label-conditional one is left out when no
-    step had it); the hidden ``_`` flags are left out."""
-    total = dict(zip(names, sums))
+def pack_metrics(names, metrics: dict) -> mx.array:
+    """(K, 2) float32: each metric's ``(numerator, denominator)`` in ``names`` order (the
+    compiled step's metrics channel, see ``objective``)."""
+    if set(metrics) != set(names):
+        raise ValueError(f"metrics {sorted(metrics)} are not the names {list(names)}.")
+    return mx.stack(
+        [
+            mx.stack([mx.array(n), mx.array(d)]).astype(mx.float32)
+            for n, d in (metrics[name] for name in names)
+        ]
+    )
+
+
+def batch_values(names, totals: np.ndarray) -> tuple:
+    """Each batch's (step's) values from its numerators and denominators summed over the
+    ranks, ``totals`` (S, K, 2): ``(values, present)``, each (S, K). A metric is present
+    where its denominator is not 0 (TRL logs KTO's label-conditional metrics only for the
+    batches holding that label); a count is its numerator, always present."""
+    num, den = totals[..., 0], totals[..., 1]
+    present = den != 0
+    values = np.where(present, num / np.where(present, den, 1), 0.0)
+    for k, name in enumerate(names):
+        if name in COUNTS:
+            values[:, k], present[:, k] = num[:, k], True
+    return values, present
+
+
+def metric_values(metrics: dict) -> dict:
+    """One batch's values in one process, from ``{name: (numerator, denominator)}`` (what
+    ``PreferenceLoss.metrics`` returns): those present, as floats."""
+    names = tuple(metrics)
+    totals = np.array(pack_metrics(names, metrics), np.float64)[None]
+    return average_metrics(names, totals)
+
+
+def average_metrics(names, totals, pooled=()) -> dict:
+    """The named metrics of ``totals`` (S, K, 2), the numerators and denominators of S steps
+    (or evaluation batches) summed over the ranks: each the mean of its per-step values
+    over the steps it is present at (left out where none), as TRL averages logged values;
+    a count summed; the names in ``pooled`` as their numerators' sum over their
+    denominators' (TRL's evaluation loss: every pair weighs the same)."""
+    totals = np.asarray(totals, np.float64).reshape(-1, len(names), 2)
+    values, present = batch_values(names, totals)
     out = {}
-    for name in names:
-        if name.startswith("_"):
-            continue
-        flag = PRESENT_WHEN.get(name)
-        steps = total[flag] if flag in total else count
-        if steps:
-            out[name] = total[name] / steps
+    for k, name in enumerate(names):
+        if name in pooled and totals[:, k, 1].sum():
+            out[name] = float(totals[:, k, 0].sum() / totals[:, k, 1].sum())
+        elif name in COUNTS:
+            out[name] = float(values[:, k].sum())
+        elif present[:, k].any():
+            out[name] = float(values[present[:, k], k].mean())
     return out
 
 
@@ -94,7 +124,8 @@ def print_metrics(split: str, metrics: dict, names=None):
 
 class PreferenceReporter(TrainingCallback):
     """Training reports average the metrics of the steps since the last report, which the
-    run's guard sums on device as the steps finish (``safety.RunGuard``)."""
+    run's guard keeps on device as the steps finish (``safety.RunGuard``): one reduction
+    over the ranks per report."""
 
     def __init__(self, guard, names, path: Optional[Path], inner=None, shown=COMPACT):
         self.guard = guard
@@ -111,9 +142,9 @@ class PreferenceReporter(TrainingCallback):
     def tokens_so_far(self) -> int:
         """TRL's ``num_tokens`` now: every token trained on, the steps since the last
         training report included (TRL counts at every step)."""
-        pending = self.guard.peek_sums()[self.names.index("num_tokens")]
+        pending = self.guard.peek_steps()[:, self.names.index("num_tokens"), 0].sum()
         pending = mx.distributed.all_sum(pending, stream=mx.cpu).item()
-        return self.trained_tokens + int(pending)
+        return self.trained_tokens + int(round(pending))
 
     def record(self, split: str, iteration: int, metrics: dict):
         print_metrics(split, metrics, self.shown)
@@ -121,13 +152,10 @@ class PreferenceReporter(TrainingCallback):
         self.last[split] = (iteration, metrics)
 
     def _train_metrics(self) -> dict:
-        sums, steps = self.guard.take_sums()
-        sums = mx.concatenate([sums, mx.array([float(steps)])])
-        sums = mx.distributed.all_sum(sums, stream=mx.cpu).tolist()
-        steps = sums[-1] or float("nan")  # every step skipped: nothing to average
-        metrics = average_metrics(self.names, sums[:-1], steps)
+        steps = mx.distributed.all_sum(self.guard.take_steps(), stream=mx.cpu)
+        metrics = average_metrics(self.names, np.array(steps))
         if "num_tokens" in metrics:
-            self.trained_tokens += int(sums[self.names.index("num_tokens")])
+            self.trained_tokens += int(round(metrics["num_tokens"]))
             metrics["num_tokens"] = float(self.trained_tokens)
         return metrics
 

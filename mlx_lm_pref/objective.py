@@ -6,12 +6,18 @@
 forward pass covers chosen and rejected rows together (in the shared layout, each prompt
 once: see ``sharing``); DPO adds a reference forward of the same batch with the adapters off.
 
+Each objective returns its metrics by name, each as ``(numerator, denominator)`` of this
+rank's share of the batch: the batch's value is the numerators summed over the ranks divided
+by the denominators summed over the ranks (``metrics``), which is how TRL reduces each one
+(per-pair means gathered over processes, token means as gathered sums over gathered counts).
+
 The compiled step returns only ``(loss, ntoks)``, so the metrics need a channel of their own:
-``model._pref_metrics``. An array attribute whose name starts with ``_`` is part of
-``model.state``, which the step declares as its outputs, but not of the trainable parameters,
-so it leaves the compiled graph without being trained or saved. It is the one piece of
-per-run state on the model; everything else lives in ``run.PreferenceRun``.
-``PreferenceLoss.metrics`` returns the metrics directly, for evaluation.
+``model._pref_metrics``, the (K, 2) numerators and denominators in ``metric_names`` order. An
+array attribute whose name starts with ``_`` is part of ``model.state``, which the step
+declares as its outputs, but not of the trainable parameters, so it leaves the compiled graph
+without being trained or saved. It is the one piece of per-run state on the model;
+everything else lives in ``run.PreferenceRun``. ``PreferenceLoss.metrics`` returns the
+metrics directly, for evaluation.
 """
 
 from dataclasses import dataclass
@@ -21,7 +27,7 @@ from typing import NamedTuple, Optional
 import mlx.core as mx
 
 from .batching import PreferenceBatch
-from .config import ConfigError, PreferenceArgs
+from .config import PreferenceArgs
 from .head import Head, head_for, hidden_states, tiled_token_stats, vocab_mean
 from .logps import TokenStats, logits_token_stats, sequence_logps, span_mask
 from .losses import (
@@ -34,8 +40,9 @@ from .losses import (
     log_sigmoid,
     orpo_odds_ratio,
 )
+from .metrics import pack_metrics
 from .reference import InitialAdapter, reference_context
-from .sharing import CHECKPOINTING, checkpointed, shared_forward
+from .sharing import shared_forward
 
 # The metrics channel out of the compiled step (see the module docstring).
 METRICS_ATTRIBUTE = "_pref_metrics"
@@ -51,18 +58,15 @@ REWARDS = (
     "logits/chosen",
     "logits/rejected",
 )
-# TRL 1.16's metric names per trainer. num_tokens is TRL's running count of trained tokens:
-# the reporter sums its per-step values, and evaluation reports the count so far.
-# KTO's label-conditional metrics are logged by TRL only for the steps (batches) holding a row
-# of that label: the hidden ``_``-names flag those (``metrics.average_metrics``).
+# TRL 1.16's metric names per trainer, in the order the reports show them. num_tokens is
+# TRL's running count of trained tokens: the reporter sums its per-step values, and
+# evaluation reports the count so far. A metric whose denominator is 0 in a batch (KTO's
+# label-conditional ones, for a batch without that label) is not logged for it, as TRL.
 METRICS = {
     "dpo": REWARDS + ("entropy", "mean_token_accuracy", "num_tokens"),
     "orpo": REWARDS + ("nll_loss", "log_odds_ratio", "log_odds_chosen"),
     "cpo": REWARDS + ("nll_loss",),
-    "kto": ("loss", "kl")
-    + REWARDS[1:3]
-    + REWARDS[4:]
-    + ("entropy", "num_tokens", "_chosen", "_rejected", "_both"),
+    "kto": ("loss", "kl") + REWARDS[1:3] + REWARDS[4:] + ("entropy", "num_tokens"),
 }
 
 
@@ -127,8 +131,6 @@ def run_model(model, batch: PreferenceBatch, options: PreferenceArgs) -> Forward
     body = model if head is None else partial(hidden_states, model)
     if not batch.shared:
         return Forward(body(batch.tokens[:, :-1]), batch.tokens[:, 1:], head, tile)
-    if checkpointed(model):
-        raise ConfigError(f"prompt_sharing: {CHECKPOINTING}. Set prompt_sharing false.")
     prompts, lengths, rows = batch.tokens
     prompt, continuations = shared_forward(
         body, model.layers, prompts[:, :-1], lengths, rows[:, :-1]
@@ -138,43 +140,65 @@ def run_model(model, batch: PreferenceBatch, options: PreferenceArgs) -> Forward
     )
 
 
-def _sum_count(values, mask):
+def _sum_count(values, mask, prompt=None):
+    """``(sum of values over mask, count)``, with a prompt part ``(values, mask)`` of the
+    shared layout counted in too: a token mean as its numerator and denominator."""
     mask = mask.astype(mx.float32)
-    return (values * mask).sum(), mask.sum()
-
-
-def _masked_mean(values, mask, prompt=None):
-    """Mean of ``values`` over ``mask``, with a prompt part ``(values, mask)`` of the shared
-    layout counted in too."""
-    total, count = _sum_count(values, mask)
+    total, count = (values * mask).sum(), mask.sum()
     if prompt is not None:
         extra, more = _sum_count(*prompt)
         total, count = total + extra, count + more
+    return total, count
+
+
+def _masked_mean(values, mask, prompt=None):
+    """Mean of ``values`` over ``mask`` (and the prompt part, see ``_sum_count``)."""
+    total, count = _sum_count(values, mask, prompt)
     return total / mx.maximum(count, 1.0)
+
+
+def _per_rank(value):
+    """A value TRL averages over processes (a per-process scalar, gathered and averaged)."""
+    return value, mx.array(1.0)
+
+
+def _over_pairs(values):
+    """A per-pair (per-row) value TRL averages over the pairs of every process."""
+    return values.sum(), mx.array(float(values.shape[0]))
 
 
 def _reward_metrics(
     loss, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps
-):
-    return [
-        loss,
-        chosen_rewards.mean(),
-        rejected_rewards.mean(),
-        (chosen_rewards > rejected_rewards).astype(mx.float32).mean(),
-        (chosen_rewards - rejected_rewards).mean(),
-        chosen_logps.mean(),
-        rejected_logps.mean(),
-    ]
+) -> dict:
+    """The metrics every paired objective logs; ``loss`` is averaged over pairs."""
+    pairs = float(chosen_rewards.shape[0])
+    return {
+        "loss": (loss * pairs, mx.array(pairs)),
+        "rewards/chosen": _over_pairs(chosen_rewards),
+        "rewards/rejected": _over_pairs(rejected_rewards),
+        "rewards/accuracies": _over_pairs(
+            (chosen_rewards > rejected_rewards).astype(mx.float32)
+        ),
+        "rewards/margins": _over_pairs(chosen_rewards - rejected_rewards),
+        "logps/chosen": _over_pairs(chosen_logps),
+        "logps/rejected": _over_pairs(rejected_logps),
+    }
 
 
-def _mean_logits(vocab_mean, mask, B, prompt=None):
-    """logits/chosen and logits/rejected: the vocab-mean logit averaged over ``mask``, and
-    over the prompt positions of the shared layout too when given as ``(vocab_mean,
-    mask)`` (both rows of a pair have them)."""
-    return [
-        _masked_mean(vocab_mean[:B], mask[:B], prompt),
-        _masked_mean(vocab_mean[B:], mask[B:], prompt),
-    ]
+def _mean_logits(vocab_mean, mask, B, prompt=None, reduce=_sum_count) -> dict:
+    """logits/chosen and logits/rejected: the vocab-mean logit over ``mask``, and over the
+    prompt positions of the shared layout too when given as ``(vocab_mean, mask)`` (both
+    rows of a pair have them). ``reduce``: ``_sum_count`` for TRL's DPO (token sums over
+    token counts across processes), ``_rank_mean`` for ORPO and CPO (per-process means).
+    """
+    return {
+        "logits/chosen": reduce(vocab_mean[:B], mask[:B], prompt),
+        "logits/rejected": reduce(vocab_mean[B:], mask[B:], prompt),
+    }
+
+
+def _rank_mean(values, mask, prompt=None):
+    return _per_rank(_masked_mean(values, mask, prompt))
 
 
 def _dpo_logps(logps, completion, ld_alpha):
@@ -205,8 +229,8 @@ def _reference_logps(model, batch, completion, o: PreferenceArgs, initial, after
     """Per-sequence reference log-probs, gradient-free, from the same model (with tiles,
     the reference's after the policy's: ``after``)."""
     if o.reference == "precomputed":
-        if batch.reference is None:
-            raise ConfigError(
+        if batch.reference is None:  # a script's own batches, not the run's
+            raise ValueError(
                 "reference precomputed: this batch carries no reference log-probs (they "
                 "are computed when train() starts; see mlx_lm_pref.precompute)."
             )
@@ -226,23 +250,20 @@ def _wpo_weights(stats: TokenStats, completion, B):
     return weights[:B] * weights[B:]
 
 
-def dpo_objective(model, batch, o: PreferenceArgs, initial=None):
+def dpo_objective(model, batch, o: PreferenceArgs, initial=None, grad=True):
     """The DPO loss family (TRL's ``loss_type`` list) against the reference ``o.reference``.
 
     Completions never reach into a shared prompt, so only the rows' logits are read (and
-    the output layer never runs on shared prompt positions)."""
+    the output layer never runs on shared prompt positions). A batch of one pair is scored
+    by every loss, aot's sorting included (TRL computes a ragged last evaluation batch).
+    """
     B = batch.pairs
-    if set(o.loss_type) & {"aot", "aot_unpaired"} and B < 2:
-        raise ConfigError(
-            "loss_type aot/aot_unpaired sorts log-ratios across the pairs of a batch, and "
-            "this batch holds 1 pair (per rank): use batch_size >= 2 pairs per rank."
-        )
     f = run_model(model, batch, o)
     completion = span_mask(batch.spans, f.targets.shape[1])
     want = {"entropy", "top1", "vocab_mean"} | (
         {"log_sum_sq"} if o.use_weighting else set()
     )
-    stats = f.stats(frozenset(want))
+    stats = f.stats(frozenset(want), grad)
     logps = stats.logps
     policy = _dpo_logps(logps, completion, o.ld_alpha)
     ref = _reference_logps(model, batch, completion, o, initial, after=[logps])
@@ -272,16 +293,18 @@ def dpo_objective(model, batch, o: PreferenceArgs, initial=None):
         pair_weights,
     )
     # TRL's rewards use the plain log-ratios whatever the loss or divergence.
-    chosen_rewards = o.beta * terms.chosen_logratios
-    rejected_rewards = o.beta * terms.rejected_logratios
     metrics = _reward_metrics(
-        loss, chosen_rewards, rejected_rewards, policy[:B], policy[B:]
+        loss,
+        o.beta * terms.chosen_logratios,
+        o.beta * terms.rejected_logratios,
+        policy[:B],
+        policy[B:],
     )
-    metrics += _mean_logits(stats.vocab_mean, completion, B)
+    metrics.update(_mean_logits(stats.vocab_mean, completion, B))
     # entropy over every completion token, the argmax accuracy on chosen ones
-    metrics += [_masked_mean(stats.entropy, completion)]
-    metrics += [_masked_mean(stats.top1[:B], completion[:B])]
-    metrics += [batch.num_tokens().astype(mx.float32)]
+    metrics["entropy"] = _sum_count(stats.entropy, completion)
+    metrics["mean_token_accuracy"] = _sum_count(stats.top1[:B], completion[:B])
+    metrics["num_tokens"] = (batch.num_tokens().astype(mx.float32), mx.array(1.0))
     return loss, metrics
 
 
@@ -292,21 +315,21 @@ def _whole_sequence(spans, num_targets, B):
     )
 
 
-def _prompt_parts(f: Forward, want):
+def _prompt_parts(f: Forward, want, grad):
     """The shared prompt's ``TokenStats`` and mask, or (None, None) in the concatenated
     layout."""
-    stats = f.prompt_stats(frozenset(want))
+    stats = f.prompt_stats(frozenset(want), grad)
     return (None, None) if stats is None else (stats, f.prompt_mask())
 
 
-def orpo_objective(model, batch, o: PreferenceArgs, initial=None):
+def orpo_objective(model, batch, o: PreferenceArgs, initial=None, grad=True):
     """ORPO as TRL: NLL over the whole chosen sequence (prompt included, pads excluded) plus
     the odds-ratio term on mean completion log-probs."""
     B, spans = batch.pairs, batch.spans
     f = run_model(model, batch, o)
     completion = span_mask(spans, f.targets.shape[1])
-    stats = f.stats(frozenset({"vocab_mean"}))
-    prompt, prompt_mask = _prompt_parts(f, {"vocab_mean"})
+    stats = f.stats(frozenset({"vocab_mean"}), grad)
+    prompt, prompt_mask = _prompt_parts(f, {"vocab_mean"}, grad)
     logps = stats.logps
     sums, counts = sequence_logps(logps, completion)
     means = sums / mx.maximum(counts, 1.0)
@@ -320,8 +343,10 @@ def orpo_objective(model, batch, o: PreferenceArgs, initial=None):
     )
     prompt_means = None if prompt is None else (prompt.vocab_mean, prompt_mask)
     real = _real_positions(spans, f.targets)
-    metrics += _mean_logits(stats.vocab_mean, real, B, prompt_means)
-    metrics += [nll, log_sigmoid(log_odds).mean(), log_odds.mean()]
+    metrics.update(_mean_logits(stats.vocab_mean, real, B, prompt_means, _rank_mean))
+    metrics["nll_loss"] = _per_rank(nll)
+    metrics["log_odds_ratio"] = _over_pairs(log_sigmoid(log_odds))
+    metrics["log_odds_chosen"] = _per_rank(log_odds.mean())
     return loss, metrics
 
 
@@ -330,13 +355,13 @@ def _real_positions(spans, targets):
     return mx.arange(targets.shape[1])[None] < (spans[:, 1:2] - 1)
 
 
-def cpo_objective(model, batch, o: PreferenceArgs, initial=None):
+def cpo_objective(model, batch, o: PreferenceArgs, initial=None, grad=True):
     """CPO / SimPO / AlphaPO as TRL's CPOTrainer: reference-free, plus cpo_alpha x NLL on
     the chosen completions."""
     B, spans = batch.pairs, batch.spans
     f = run_model(model, batch, o)
     completion = span_mask(spans, f.targets.shape[1])
-    stats = f.stats(frozenset({"vocab_mean"}))
+    stats = f.stats(frozenset({"vocab_mean"}), grad)
     logps = stats.logps
     sums, counts = sequence_logps(logps, completion)
     if o.cpo_loss_type in ("ipo", "simpo"):  # length-normalised (SimPO's eq. 4)
@@ -354,20 +379,21 @@ def cpo_objective(model, batch, o: PreferenceArgs, initial=None):
     prompt = f.prompt_vocab_mean()  # CPO reads no prompt log-prob
     prompt_means = None if prompt is None else (prompt, f.prompt_mask())
     real = _real_positions(spans, f.targets)
-    metrics += _mean_logits(stats.vocab_mean, real, B, prompt_means)
-    metrics += [nll]
+    metrics.update(_mean_logits(stats.vocab_mean, real, B, prompt_means, _rank_mean))
+    metrics["nll_loss"] = _per_rank(nll)
     return loss, metrics
 
 
-def _across_ranks(x):
-    """``x`` summed over the ranks of a distributed run (TRL gathers KTO's KL estimate and
-    metric sums across processes); itself in a single process."""
-    if mx.distributed.init().size() > 1:
-        return mx.distributed.all_sum(x)
-    return x
+def _across_ranks(sums: dict) -> dict:
+    """Named sums, each summed over the ranks of a distributed run (TRL gathers KTO's KL
+    estimate and reward sums across processes); as they are in a single process."""
+    if mx.distributed.init().size() == 1:
+        return sums
+    total = mx.distributed.all_sum(mx.stack(list(sums.values())))
+    return dict(zip(sums, total))
 
 
-def kto_objective(model, batch, o: PreferenceArgs, initial=None):
+def kto_objective(model, batch, o: PreferenceArgs, initial=None, grad=True):
     """KTO / unpaired APO-zero as TRL's ``KTOTrainer._compute_loss``: each row's log-ratio
     against the reference, the KL estimate from the KL rows (policy side without gradient),
     its metrics summed over the rows of every rank and divided by the counts of each label.
@@ -375,41 +401,27 @@ def kto_objective(model, batch, o: PreferenceArgs, initial=None):
     B = batch.pairs
     f = run_model(model, batch, o)
     completion = span_mask(batch.spans, f.targets.shape[1])
-    stats = f.stats(frozenset({"entropy", "vocab_mean"}))
+    stats = f.stats(frozenset({"entropy", "vocab_mean"}), grad)
     policy = (stats.logps * completion).sum(axis=-1)  # (2B,), or (B,) without KL rows
     ref = _reference_logps(model, batch, completion, o, initial, after=[stats.logps])
     chosen = batch.labels
     rejected = 1 - chosen
     logratios = policy[:B] - ref[:B]
     rewards = mx.stop_gradient(o.beta * logratios)
-    rows = completion[:B].astype(mx.float32)
-    token_sums = [
-        (stats.vocab_mean[:B] * rows * chosen[:, None]).sum(),
-        (rows * chosen[:, None]).sum(),
-        (stats.vocab_mean[:B] * rows * rejected[:, None]).sum(),
-        (rows * rejected[:, None]).sum(),
-        (stats.entropy[:B] * rows).sum(),
-        rows.sum(),
-    ]
     kl_rows = policy[B:] - ref[B:] if o.kl_term else mx.zeros((1,))
-    sums = _across_ranks(
-        mx.stop_gradient(
-            mx.stack(
-                [
-                    kl_rows.sum(),
-                    mx.array(float(kl_rows.shape[0])),
-                    (rewards * chosen).sum(),
-                    chosen.sum(),
-                    (rewards * rejected).sum(),
-                    rejected.sum(),
-                    (policy[:B] * chosen).sum(),
-                    (policy[:B] * rejected).sum(),
-                    *token_sums,
-                ]
-            )
-        )
+    # What the loss itself needs of the whole batch (the KL estimate, the row count) and
+    # the reward margin, which TRL takes between the label means of the whole batch.
+    whole = _across_ranks(
+        {
+            "kl": mx.stop_gradient(kl_rows.sum()),
+            "kl_rows": mx.array(float(kl_rows.shape[0])),
+            "chosen_rewards": (rewards * chosen).sum(),
+            "chosen": chosen.sum(),
+            "rejected_rewards": (rewards * rejected).sum(),
+            "rejected": rejected.sum(),
+        }
     )
-    kl = mx.maximum(sums[0] / sums[1], 0.0) if o.kl_term else mx.array(0.0)
+    kl = mx.maximum(whole["kl"] / whole["kl_rows"], 0.0) if o.kl_term else mx.array(0.0)
     losses = kto_losses(
         logratios,
         chosen,
@@ -419,31 +431,28 @@ def kto_objective(model, batch, o: PreferenceArgs, initial=None):
         o.desirable_weight,
         o.undesirable_weight,
     )
-    n_chosen, n_rejected = sums[3], sums[5]
     # TRL's mean over the batch's rows, whatever share of them each rank holds: mlx-lm
     # averages the ranks' gradients, so each rank's loss is ranks x its rows' sum / rows.
     ranks = mx.distributed.init().size()
-    loss = ranks * losses.sum() / (n_chosen + n_rejected)
-    has_chosen = (n_chosen > 0).astype(mx.float32)
-    has_rejected = (n_rejected > 0).astype(mx.float32)
-    chosen_rewards = sums[2] / mx.maximum(n_chosen, 1.0)
-    rejected_rewards = sums[4] / mx.maximum(n_rejected, 1.0)
-    metrics = [
-        loss,
-        kl,
-        chosen_rewards,
-        rejected_rewards,
-        (chosen_rewards - rejected_rewards) * has_chosen * has_rejected,
-        sums[6] / mx.maximum(n_chosen, 1.0),
-        sums[7] / mx.maximum(n_rejected, 1.0),
-        sums[8] / mx.maximum(sums[9], 1.0),
-        sums[10] / mx.maximum(sums[11], 1.0),
-        sums[12] / mx.maximum(sums[13], 1.0),
-        batch.row_tokens().astype(mx.float32),
-        has_chosen,
-        has_rejected,
-        has_chosen * has_rejected,
-    ]
+    loss = ranks * losses.sum() / (whole["chosen"] + whole["rejected"])
+    both = (whole["chosen"] > 0) & (whole["rejected"] > 0)
+    margin = whole["chosen_rewards"] / mx.maximum(whole["chosen"], 1.0)
+    margin = margin - whole["rejected_rewards"] / mx.maximum(whole["rejected"], 1.0)
+    rows = completion[:B].astype(mx.float32)
+    metrics = {
+        "loss": (losses.sum(), mx.array(float(B))),
+        "kl": _per_rank(kl),
+        # label-conditional: a batch without that label has a denominator of 0
+        "rewards/chosen": ((rewards * chosen).sum(), chosen.sum()),
+        "rewards/rejected": ((rewards * rejected).sum(), rejected.sum()),
+        "rewards/margins": (mx.where(both, margin, 0.0), both.astype(mx.float32)),
+        "logps/chosen": ((policy[:B] * chosen).sum(), chosen.sum()),
+        "logps/rejected": ((policy[:B] * rejected).sum(), rejected.sum()),
+        "logits/chosen": _sum_count(stats.vocab_mean[:B], rows * chosen[:, None]),
+        "logits/rejected": _sum_count(stats.vocab_mean[:B], rows * rejected[:, None]),
+        "entropy": _sum_count(stats.entropy[:B], rows),
+        "num_tokens": (batch.row_tokens().astype(mx.float32), mx.array(1.0)),
+    }
     return loss, metrics
 
 
@@ -456,7 +465,7 @@ OBJECTIVES = {
 
 
 def preference_loss(
-    model, batch: PreferenceBatch, options: PreferenceArgs, initial=None
+    model, batch: PreferenceBatch, options: PreferenceArgs, initial=None, grad=True
 ):
     """The loss, token count and metrics of one preference batch.
 
@@ -464,13 +473,15 @@ def preference_loss(
         batch: a ``PreferenceBatch`` (either layout, see ``batching``).
         options: the run's options (``reference`` resolved: see ``reference``).
         initial: the step-0 adapter (``reference: initial_adapter``).
+        grad: False where nothing differentiates the loss (evaluation).
 
     Returns:
         ``(loss, ntoks, metrics)``: the scalar float32 loss, the number of real tokens in
-        the batch (int32) and the (K,) float32 metrics named by ``metric_names(options)``.
+        the batch (int32) and ``{name: (numerator, denominator)}`` for every name of
+        ``metric_names(options)``, gradient-free (see the module docstring).
     """
-    loss, metrics = OBJECTIVES[options.method](model, batch, options, initial)
-    metrics = mx.stop_gradient(mx.stack(metrics))
+    loss, metrics = OBJECTIVES[options.method](model, batch, options, initial, grad)
+    metrics = {k: tuple(mx.stop_gradient(v) for v in nd) for k, nd in metrics.items()}
     return loss, batch.num_tokens().astype(mx.int32), metrics
 
 
@@ -489,9 +500,10 @@ class PreferenceLoss:
 
     def __call__(self, model, batch: PreferenceBatch):
         loss, ntoks, metrics = self.metrics(model, batch)
-        model[METRICS_ATTRIBUTE] = metrics
+        model[METRICS_ATTRIBUTE] = pack_metrics(self.metric_names, metrics)
         return loss, ntoks
 
-    def metrics(self, model, batch: PreferenceBatch):
-        """``(loss, ntoks, metrics)``, without touching the model (evaluation)."""
-        return preference_loss(model, batch, self.options, self.initial)
+    def metrics(self, model, batch: PreferenceBatch, grad=True):
+        """``(loss, ntoks, metrics)`` (see ``preference_loss``), without touching the
+        model; evaluation passes ``grad=False``."""
+        return preference_loss(model, batch, self.options, self.initial, grad)

@@ -15,7 +15,6 @@ per-rank batch size they rotate within), and the options that change a log-prob
 
 import hashlib
 import os
-from dataclasses import replace
 
 import mlx.core as mx
 import numpy as np
@@ -71,14 +70,14 @@ def cache_key(model_hash: str, pairs, options, max_seq_length: int) -> str:
 def precompute_reference(
     model, pairs, options, batch_size, max_seq_length, model_hash=None
 ):
-    """Store reference log-probs on every pair of ``pairs`` (a PreferenceDataset), scored
-    in the layout ``options.prompt_sharing`` asks for (resolved for this model).
+    """``pairs`` (a PreferenceDataset) with reference log-probs on every pair, scored in
+    the layout ``options.prompt_sharing`` asks for (resolved for this model).
 
-    Returns ``"loaded"`` or ``"computed"``.
+    Returns ``(dataset, status)``, status ``"loaded"`` or ``"computed"``.
     """
     model_hash = model_hash or model_fingerprint(model)
     if pairs.options.method == "kto":  # the KL rows, as training will batch them
-        pairs.assign_kl(kl_chunk(batch_size))
+        pairs = pairs.with_kl(kl_chunk(batch_size))
     key = cache_key(model_hash, pairs, options, max_seq_length)
     path = cache_root() / "reference" / f"{key}.safetensors"
     if path.exists():
@@ -91,10 +90,7 @@ def precompute_reference(
         mx.save_safetensors(str(tmp), {"reference": mx.array(values)})
         os.replace(tmp, path)  # never a half-written cache entry
         status = "computed"
-    pairs._pairs = [
-        replace(p, reference=(float(c), float(r))) for p, (c, r) in zip(pairs, values)
-    ]
-    return status
+    return pairs.with_reference(values), status
 
 
 def _score(model, pairs, options, batch_size, max_seq_length) -> np.ndarray:

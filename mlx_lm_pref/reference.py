@@ -42,10 +42,12 @@ def adapter_layers(model: nn.Module) -> list:
 def _base_magnitude(layer) -> mx.array:
     """Row norms of the base weight, computed as mlx-lm computes the initial ``m``."""
     if isinstance(layer, DoRALinear):
-        w = layer._dequantized_weight().astype(mx.float32)
+        w = layer._dequantized_weight()
     else:
         w = layer.embedding.weight
-    return mx.stop_gradient(mx.linalg.norm(w, axis=1))
+    # In float32, as the layers' own denominators are (a bf16 weight plus the float32
+    # adapter product): a bf16 norm leaves m / d up to 2e-3 from 1.
+    return mx.stop_gradient(mx.linalg.norm(w.astype(mx.float32), axis=1))
 
 
 @contextmanager
@@ -114,7 +116,7 @@ class InitialAdapter:
     def swapped_in(self, model: nn.Module):
         """Run the enclosed forward passes with the step-0 adapter tensors."""
         if {id(l) for l, _ in self.tensors} != {id(l) for l in adapter_layers(model)}:
-            raise ConfigError(
+            raise ValueError(
                 "reference initial_adapter: this snapshot was taken of another model's "
                 "adapter layers."
             )
@@ -132,21 +134,34 @@ class InitialAdapter:
 
 
 @contextmanager
+def evaluation_mode(model: nn.Module):
+    """The enclosed forward passes without dropout (TRL's ``disable_dropout``, on by
+    default): a reference that is the same function at every step."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+@contextmanager
 def reference_context(model: nn.Module, strategy: str, initial=None):
-    """The model as the reference ``strategy`` sees it, for the enclosed forward passes.
+    """The model as the reference ``strategy`` sees it, for the enclosed forward passes, in
+    evaluation mode (dropout off).
 
     ``auto`` outside a training run (a script scoring a batch itself) means the base model.
     """
     if strategy in ("auto", "adapters_off"):
-        with adapters_disabled(model):
+        with adapters_disabled(model), evaluation_mode(model):
             yield model
     elif strategy == "initial_adapter":
         if initial is None:
-            raise ConfigError(
+            raise ValueError(
                 "reference initial_adapter: no step-0 adapter was kept for this model "
                 "(train() keeps it when training starts)."
             )
-        with initial.swapped_in(model):
+        with initial.swapped_in(model), evaluation_mode(model):
             yield model
     else:
         raise ValueError(f"reference {strategy!r} has no live forward pass.")

@@ -17,6 +17,8 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Optional
 
+from mlx_lm.tuner.datasets import CacheDataset
+
 from .config import PreferenceArgs
 
 
@@ -28,7 +30,10 @@ class PreferenceRun:
     splits: Optional[tuple] = None
     # Datasets scored with training's reference besides train and valid (--test's split).
     scored_alike: list = field(default_factory=list)
-    # Set when training starts (``start_training`` in patches/trainer.py).
+    # ``reference: precomputed``: (dataset as loaded, the same with its reference log-probs)
+    # for every dataset scored before step 1 (datasets are never changed in place).
+    scored: list = field(default_factory=list)
+    # Set when training starts (``session.start_training``).
     loss: Optional[object] = None  # objective.PreferenceLoss
     guard: Optional[object] = None  # safety.RunGuard
     reporter: Optional[object] = None  # metrics.PreferenceReporter
@@ -39,6 +44,15 @@ class PreferenceRun:
     @property
     def trained(self) -> bool:
         return self.loss is not None
+
+    def scored_version(self, dataset):
+        """``dataset`` (a PreferenceDataset, or mlx-lm's CacheDataset of one) with its
+        precomputed reference log-probs when the run scored it, else itself."""
+        pairs = getattr(dataset, "_data", dataset)
+        for loaded, scored in self.scored:
+            if loaded is pairs:
+                return CacheDataset(scored) if pairs is not dataset else scored
+        return dataset
 
     @property
     def trained_tokens(self) -> int:

@@ -14,10 +14,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 import wrapt
 from mlx.utils import tree_flatten, tree_map
 
 from .console import log
+from .metrics import average_metrics
 from .objective import METRICS_ATTRIBUTE
 from .run import current_run
 
@@ -26,11 +28,17 @@ class NonFiniteError(FloatingPointError):
     pass
 
 
+# Whether the step's optimizer update had finite gradients (``watch_updates``): a second
+# output of the compiled step beside the metrics, reset to true after each step is settled.
+UPDATE_ATTRIBUTE = "_pref_update_finite"
+
+
 class RunGuard:
-    """Watches every finished training step of a preference run: its loss and metrics must
-    be finite (else stop, or with ``skip`` count the update as dropped), and its metrics add
-    to the running sums the training reports average (as TRL logs them, over the steps since
-    the last report). One host read per step, after mlx-lm's own ``mx.eval`` of the step.
+    """Watches every finished training step of a preference run: its gradients, loss and
+    metrics must be finite (else stop; with ``skip``, a step whose gradients were not finite
+    had its update dropped in the graph and is counted as skipped), and its metrics join
+    those the next training report averages (as TRL logs them, over the steps since the
+    last report). One host read per step, after mlx-lm's own ``mx.eval`` of the step.
 
     A step is settled once, by whichever comes first after it: the next batch (``watch``),
     a training report, or a save (``SafeSaveModule``). mlx-lm's loop stops without asking for
@@ -43,51 +51,71 @@ class RunGuard:
         self.adapter_file = Path(adapter_file)
         self.skip = skip
         self.iteration = 0  # training steps started
-        self.settled = 0  # training steps checked and summed
+        self.settled = 0  # training steps checked and kept
         self.saved_at = None  # the iteration whose weights adapter_file holds
         self.skipped = []
         self.interrupted = False
-        self.sums = mx.zeros((len(metric_names),))
-        self.steps = 0  # steps in ``sums``
+        self.steps = []  # (K, 2) metrics of each kept step since the last report
 
-    def _metrics(self):
-        return self.model[METRICS_ATTRIBUTE]
+    def start(self, optimizer):
+        """Set up the model's metrics and update channels and watch the optimizer's
+        updates; returns a function that undoes both."""
+        self.model[METRICS_ATTRIBUTE] = mx.zeros((len(self.names), 2))
+        self.model[UPDATE_ATTRIBUTE] = mx.array(True)
+        restore = watch_updates(optimizer, self.model, self.skip)
+
+        def stop():
+            restore()
+            self.model.pop(METRICS_ATTRIBUTE, None)
+            self.model.pop(UPDATE_ATTRIBUTE, None)
+
+        return stop
 
     def settle(self):
-        """Check the last step that ran and add its metrics to the running sums."""
+        """Check the last step that ran and keep its metrics for the next report."""
         if self.settled == self.iteration:
             return
         self.settled = self.iteration
-        metrics = self._metrics()
-        if mx.all(mx.isfinite(metrics)).item():
-            self.sums, self.steps = self.sums + metrics, self.steps + 1
+        metrics, update = self.model[METRICS_ATTRIBUTE], self.model[UPDATE_ATTRIBUTE]
+        finite, update = mx.all(mx.isfinite(metrics)).item(), update.item()
+        self.model[UPDATE_ATTRIBUTE] = mx.array(True)  # steps without an update stay so
+        if finite and update:
+            self.steps.append(metrics)
             return
-        if self.skip:  # the update itself was dropped in the graph (skip_nonfinite)
+        if self.skip and not update:  # dropped in the graph (watch_updates)
             self.skipped.append(self.iteration)
+            log(f"iteration {self.iteration}: non-finite gradient, update skipped.")
+            return
+        if self.skip:  # the update was applied: only a metric is off
             log(
-                f"iteration {self.iteration}: non-finite loss or gradient, update skipped."
+                f"iteration {self.iteration}: a metric is not finite "
+                f"({self._shown(metrics)}); the update was applied, the step is left "
+                "out of the report."
             )
             return
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in zip(self.names, metrics.tolist()))
+        what = "the loss or a metric" if not finite else "a gradient"
         raise NonFiniteError(
-            f"iteration {self.iteration}: the loss or a metric is not finite ({shown}). "
+            f"iteration {self.iteration}: {what} is not finite ({self._shown(metrics)}). "
             f"{self.on_disk()} Lower the learning rate, check the data of this step, or "
             "use float32 weights."
         )
 
-    def peek_sums(self):
-        """The sums of the settled steps since the last ``take_sums``, left in place. At a
-        validation every step that ran is settled: mlx-lm validates after drawing the next
-        batch (``watch`` settles the last step before handing it over), and that batch's
-        step has not run (so settling now would be wrong)."""
-        return self.sums
+    def _shown(self, metrics) -> str:
+        values = average_metrics(self.names, np.array(metrics)[None])
+        return ", ".join(f"{k} {v:.4g}" for k, v in values.items())
 
-    def take_sums(self):
-        """``(sums, steps)`` since the last call, the last step included; then reset."""
+    def peek_steps(self) -> mx.array:
+        """(S, K, 2): the metrics of the steps kept since the last ``take_steps``, left in
+        place. At a validation every step that ran is settled: mlx-lm validates after
+        drawing the next batch (``watch`` settles the last step before handing it over),
+        and that batch's step has not run (so settling now would be wrong)."""
+        return mx.stack(self.steps) if self.steps else mx.zeros((0, len(self.names), 2))
+
+    def take_steps(self) -> mx.array:
+        """``peek_steps()`` with the last step settled first; then forgotten."""
         self.settle()
-        taken = self.sums, self.steps
-        self.sums, self.steps = mx.zeros_like(self.sums), 0
-        return taken
+        steps, self.steps = self.peek_steps(), []
+        return steps
 
     def on_disk(self) -> str:
         if self.saved_at is None:
@@ -165,9 +193,10 @@ class SafeSaveModule(wrapt.ObjectProxy):
             guard.saved_at = guard.iteration
 
 
-def skip_nonfinite(optimizer):
-    """Make ``optimizer.update`` a no-op, inside the compiled step, whenever a gradient is
-    not finite: parameters and optimizer state (moments, step count) stay as they were.
+def watch_updates(optimizer, model, skip):
+    """Record in ``model`` whether each ``optimizer.update``'s gradients are finite (inside
+    the compiled step); with ``skip``, make a non-finite update a no-op there: parameters
+    and optimizer state (moments, step count) stay as they were.
 
     Returns a function that puts the optimizer's own ``update`` back.
     """
@@ -178,6 +207,10 @@ def skip_nonfinite(optimizer):
             optimizer.init(gradients)
         leaves = [g for _, g in tree_flatten(gradients)]
         ok = mx.all(mx.stack([mx.all(mx.isfinite(g)) for g in leaves]))
+        model[UPDATE_ATTRIBUTE] = ok
+        if not skip:
+            model.update(apply_gradients(gradients, model))
+            return
         before = tree_map(lambda g, p: p, gradients, model.trainable_parameters())
         state_before = tree_map(lambda x: x, optimizer.state)
         updated = apply_gradients(gradients, model)

@@ -6,18 +6,21 @@ where ``make(original)`` builds the replacement. Functions are wrapped with
 ``__wrapped__``. ``apply()`` registers a wrapt post-import hook per target module, so the order
 in which mlx_lm and mlx_lm_pref are imported does not matter.
 
-The supported mlx-lm range is declared once, in ``pyproject.toml``'s dependencies, and read
-back here from the installed package metadata.
+Activation checks the installed mlx-lm against the supported range first
+(``mlx_lm_pref.compat``, which holds every difference between the supported releases).
 """
 
 import importlib
-import importlib.metadata
 import logging
 import sys
 
 import wrapt
-from packaging.requirements import Requirement
-from packaging.version import Version
+
+from mlx_lm_pref.compat import (  # noqa: F401  (re-exported)
+    UnsupportedVersionError,
+    check_version,
+    supported_range,
+)
 
 logger = logging.getLogger("mlx_lm_pref")
 
@@ -34,10 +37,6 @@ TABLE = {
 
 def rows(target: str) -> list:
     return importlib.import_module(f"{__name__}.{TABLE[target]}").PATCHES
-
-
-class UnsupportedVersionError(ImportError):
-    pass
 
 
 class PreferenceWrapper(wrapt.FunctionWrapper):
@@ -62,41 +61,6 @@ def function_wrapper(wrapper):
 _state = {"active": False, "hooks": False}
 # (module, attribute) -> (original, replacement), in the order applied.
 _applied = {}
-
-
-def supported_range() -> Requirement:
-    for spec in importlib.metadata.requires("mlx-lm-pref") or []:
-        req = Requirement(spec)
-        if req.name == "mlx-lm":
-            return req
-    raise RuntimeError("mlx-lm-pref's metadata declares no mlx-lm requirement.")
-
-
-# mlx-lm before 0.30 needs transformers < 5: its ChatDataset takes apply_chat_template's
-# result for token ids, and transformers 5 returns a BatchEncoding (a dict) there. A
-# requirement cannot depend on another package's version, so pip cannot say this;
-# activation does.
-NEEDS_OLD_TRANSFORMERS = Version("0.30")
-
-
-def check_version() -> None:
-    req = supported_range()
-    found = importlib.metadata.version("mlx-lm")
-    if not req.specifier.contains(found, prereleases=True):
-        lower_first = sorted(req.specifier, key=lambda s: s.operator.startswith("<"))
-        wanted = ",".join(str(s) for s in lower_first)
-        raise UnsupportedVersionError(
-            f"mlx_lm_pref supports mlx-lm {wanted} but found mlx-lm {found}; "
-            f"nothing was patched. Install a supported version: "
-            f"pip install 'mlx-lm{wanted}'."
-        )
-    transformers = importlib.metadata.version("transformers")
-    if Version(found) < NEEDS_OLD_TRANSFORMERS and Version(transformers).major >= 5:
-        raise UnsupportedVersionError(
-            f"mlx-lm {found} needs transformers < 5 (its chat datasets break on 5.x) but "
-            f"found transformers {transformers}; nothing was patched. Run: "
-            f"pip install 'transformers<5' (or install mlx-lm >= {NEEDS_OLD_TRANSFORMERS})."
-        )
 
 
 def _patch_module(module) -> None:

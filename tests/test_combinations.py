@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 from covering import coverable_pairs, covering, pairs_of
 from helpers import (
+    ADAPTER_NOISE,
     NOISE,
     assert_adapters_equal,
     free_port_pair,
@@ -101,6 +102,11 @@ TOLERANCE = NOISE
 # mlx's BLAS -0.125885; tiles of 64 / 128 / 256 rows -0.125994 / -0.126110 / -0.125904), from
 # adapters 3e-5 apart after two steps towards IPO's target of 5.
 IPO_TOLERANCE = dict(rel=NOISE["rel"], abs=5e-4)
+# IPO's adapters after accumulating two micro-batches vs one batch of both: 4.6e-4 and 4.9e-4
+# of the largest entry (case ipo-auto-auto-long-..., mlx 0.32.4 with OpenBLAS; the same with
+# the code before the vocabulary-blocked reductions), against 4e-5 for the other losses: its
+# squared error towards a target of 1 / (2 beta) = 5 amplifies the summation order's noise.
+IPO_ADAPTER_NOISE = 1e-3
 B = 2  # pairs per batch
 RANKS = 2
 
@@ -387,7 +393,13 @@ def case_id(case):
 
 
 def assert_same(
-    a, b, names=None, label="", splits=("train", "val", "test"), tolerance=TOLERANCE
+    a,
+    b,
+    names=None,
+    label="",
+    splits=("train", "val", "test"),
+    tolerance=TOLERANCE,
+    adapter_noise=ADAPTER_NOISE,
 ):
     """The same records of ``splits``, in order, with the same metrics (``names``, or
     all), and the same adapter."""
@@ -399,7 +411,7 @@ def assert_same(
             if name in ("split", "iteration") or (names and name not in names):
                 continue
             assert value == pytest.approx(y[name], **tolerance), (label, i, name)
-    assert_adapters_equal(a["adapter"], b["adapter"], label)
+    assert_adapters_equal(a["adapter"], b["adapter"], label, adapter_noise)
 
 
 # Means over pairs: the same whatever the batch size or the number of ranks.
@@ -448,7 +460,9 @@ def test_case_trains_and_equals_its_twin(outcomes, case):
     if key_of(twin) != key_of(case):
         other = outcomes[key_of(twin)]
         assert other["returncode"] == 0, other["stderr"][-3000:]
-        tolerance = IPO_TOLERANCE if case["loss"] == "ipo" else TOLERANCE
+        ipo = case["loss"] == "ipo"
+        tolerance = IPO_TOLERANCE if ipo else TOLERANCE
+        noise = IPO_ADAPTER_NOISE if ipo else ADAPTER_NOISE
         if twin["accumulate"] != case["accumulate"]:
             # validation and test batches of B vs 2B pairs: only means over pairs agree;
             # training reports are per micro-batch
@@ -456,11 +470,10 @@ def test_case_trains_and_equals_its_twin(outcomes, case):
             # last validation comes before micro-batch 4 of 4 there, before batch 2 of 2 here)
             assert_same(result, other, PAIR_MEANS - {"num_tokens"},
                         f"accumulation (shared: {shared})", splits=("val", "test"),
-                        tolerance=tolerance)  # fmt: skip
+                        tolerance=tolerance, adapter_noise=noise)  # fmt: skip
         else:
-            assert_same(
-                result, other, label=f"twin (shared: {shared})", tolerance=tolerance
-            )
+            assert_same(result, other, label=f"twin (shared: {shared})",
+                        tolerance=tolerance, adapter_noise=noise)  # fmt: skip
 
 
 @pytest.mark.parametrize("case", distributed_cases(), ids=case_id)

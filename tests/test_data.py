@@ -158,6 +158,46 @@ def test_implicit_prompt_as_trl():
     )
 
 
+def test_implicit_prompt_with_nothing_shared_is_empty(tmp_path, tokenizer, capsys):
+    """Where chosen and rejected share nothing the prompt is empty, as TRL's (whose back-off
+    would read chosen[-1]: a chosen of ' ' and a rejected of 'e' from ('Sure thing. ',
+    'Nope')); the pairs are counted. A conversation must have a prompt message."""
+    assert extract_prompt("Sure thing. ", "Nope") == ("", "Sure thing. ", "Nope")
+    assert extract_prompt(" Yes", " No") == ("", " Yes", " No")
+    ds = load(
+        tmp_path, tokenizer, [{"chosen": "Sure thing. ", "rejected": "Nope"}, GOOD]
+    )
+    assert ds.promptless == 1 and len(ds) == 2
+    chosen = tokenizer.decode(ds[0].chosen[ds[0].chosen_start :])
+    assert chosen.startswith("Sure thing. ")
+    assert "1 of 2 pairs have no prompt" in capsys.readouterr().out
+    row = {
+        "chosen": [MSG("user", "a"), MSG("assistant", "b")],
+        "rejected": [MSG("user", "c"), MSG("assistant", "b")],
+    }
+    refused = "train.jsonl:1: no 'prompt' field, and the first messages of 'chosen'"
+    with pytest.raises(DataError, match=refused):
+        load(tmp_path, tokenizer, [row])
+
+
+@pytest.mark.parametrize(
+    "row,hint",
+    [
+        ({"prompt": "Hi", "completion": "Yes.", "label": True}, "--loss-type kto"),
+        ({"prompt": "Hi", "completion": "Yes."}, "SFT format (prompt, completion)"),
+        ({"messages": [MSG("user", "Hi")]}, "SFT format (text or messages)"),
+        ({"prompt": "Hi", "chosen": "Yes."}, None),  # a pair short of a field
+    ],
+)
+def test_another_methods_rows_are_named(tmp_path, tokenizer, row, hint):
+    with pytest.raises(DataError, match="train.jsonl:1: field .* is missing") as error:
+        load(tmp_path, tokenizer, [row])
+    if hint:
+        assert hint in str(error.value)
+    else:  # no other format to name
+        assert " It is " not in str(error.value)
+
+
 def test_prompt_filling_max_length_is_dropped_and_counted(tokenizer, capsys):
     rows = [GOOD, {**GOOD, "prompt": "Is the sky nice? " * 20}]
     ds = PreferenceDataset(rows, tokenizer, DPO, source="x.jsonl", max_seq_length=16)

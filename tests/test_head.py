@@ -1,7 +1,7 @@
 """The output layer in tiles (``mlx_lm_pref.head``): the same losses, metrics and gradients
 as the whole logits for every objective in both batch layouts and every kind of output
-layer; closer to float64 than the whole logits on a 262k vocabulary; a fraction of the
-memory; and the models it cannot serve keep the whole logits."""
+layer, frozen or training; float64-close on a 262k vocabulary, the whole logits too; a
+fraction of the memory; and the models it cannot serve keep the whole logits."""
 
 import math
 
@@ -24,6 +24,8 @@ from mlx_lm_pref.head import (
     resolve_head_chunks,
     tiled_token_stats,
 )
+from mlx_lm_pref.logps import logits_token_stats
+from mlx_lm_pref.metrics import average_metrics
 from mlx_lm_pref.objective import PreferenceLoss
 
 pytestmark = pytest.mark.numerics
@@ -83,7 +85,8 @@ def test_tiles_give_the_whole_logits_numbers_and_gradients(case, layout, kind):
     for chunk in ("0", "64"):  # 1000 rows: 15 whole tiles and a partial one
         loss = PreferenceLoss(PreferenceArgs(**case, head_chunk_size=chunk))
         (value, ntoks), grads = nn.value_and_grad(model, loss)(model, batch)
-        results.append((value, ntoks, model._pref_metrics, dict(tree_flatten(grads))))
+        values = average_metrics(loss.metric_names, np.array(model._pref_metrics)[None])
+        results.append((value, ntoks, values, dict(tree_flatten(grads))))
     (a, n, ma, ga), (b, m, mb, gb) = results
     # bf16: the same logits (the target's rounded as the tiles' are), so the same values
     # to float32 noise (measured <= 7.2e-6); gradients in bf16 a rounding step (2^-7)
@@ -91,7 +94,9 @@ def test_tiles_give_the_whole_logits_numbers_and_gradients(case, layout, kind):
     tol = 1e-5
     assert n.item() == m.item()
     assert abs(a.item() - b.item()) <= tol * max(1.0, abs(a.item()))
-    np.testing.assert_allclose(np.array(mb), np.array(ma), rtol=tol, atol=tol)
+    assert mb.keys() == ma.keys()
+    for name in ma:
+        assert mb[name] == pytest.approx(ma[name], rel=tol, abs=tol), name
     scale = max(mx.abs(g).max().item() for g in ga.values())
     assert scale > 0
     grad_tol = 2e-2 if kind == "bf16" else tol
@@ -99,50 +104,108 @@ def test_tiles_give_the_whole_logits_numbers_and_gradients(case, layout, kind):
         assert mx.abs(g - gb[name]).max().item() <= grad_tol * scale, name
 
 
-def float64_stats(h, weight, targets):
-    """log-probs and entropies of h @ weight.T in float64."""
+def float64_stats(h, weight, targets, bias=None):
+    """Per position, in float64, of the logits h @ weight.T (+ bias): the target's
+    log-prob, the entropy, log sum p^2, the vocab-mean logit, and the softmax p."""
     z = np.asarray(h, np.float64) @ np.asarray(weight, np.float64).T
+    if bias is not None:
+        z = z + np.asarray(bias, np.float64)
     m = z.max(-1, keepdims=True)
     lse = (np.log(np.exp(z - m).sum(-1, keepdims=True)) + m)[:, 0]
     p = np.exp(z - lse[:, None])
-    logps = np.take_along_axis(z, targets[:, None], -1)[:, 0] - lse
-    return logps, lse - (p * z).sum(-1)
-
-
-def test_tiles_are_float64_close_on_a_262k_vocabulary():
-    """Gemma 3's vocabulary size (262,145 with its image token), logits of a few nats of
-    spread: per-sequence log-prob sums and per-token entropies within 1e-4 of float64,
-    where one float32 reduction over the whole vocabulary is off by more."""
-    rng = np.random.default_rng(0)
-    V, H, T, rows = 262_145, 32, 48, 4
-    weight = (rng.standard_normal((V, H)) * 0.5).astype(np.float32)
-    h = rng.standard_normal((rows * T, H)).astype(np.float32)
-    targets = rng.integers(0, V, rows * T)
-    want_logps, want_entropy = float64_stats(h, weight, targets)
-    head = Head(nn.Linear(H, V, bias=False))
-    head.layer.weight = mx.array(weight)
-    stats = tiled_token_stats(
-        mx.array(h), mx.array(targets), head, frozenset({"entropy"}), grad=False
+    return dict(
+        logps=np.take_along_axis(z, targets[:, None], -1)[:, 0] - lse,
+        entropy=lse - (p * z).sum(-1),
+        log_sum_sq=np.log((p * p).sum(-1)),
+        vocab_mean=z.mean(-1),
+        p=p,
     )
+
+
+def gemma_sized_head(positions, bias=False, seed=0):
+    """A 262,145-row output layer (Gemma 3's vocabulary, its image token included) of
+    hidden size 32, logits of a few nats of spread, hidden states and targets."""
+    rng = np.random.default_rng(seed)
+    V, H = 262_145, 32
+    layer = nn.Linear(H, V, bias=bias)
+    layer.weight = mx.array((rng.standard_normal((V, H)) * 0.5).astype(np.float32))
+    if bias:
+        layer.bias = mx.array(rng.standard_normal(V).astype(np.float32))
+    h = mx.array(rng.standard_normal((positions, H)).astype(np.float32))
+    return layer, h, mx.array(rng.integers(0, V, positions))
+
+
+EXTRAS = frozenset({"entropy", "log_sum_sq", "vocab_mean"})
+
+
+@pytest.mark.parametrize("path", ["tiles", "tiles, output layer training", "logits"])
+def test_every_path_is_float64_close_on_a_262k_vocabulary(path):
+    """Per-sequence log-prob sums and the per-token metrics within 1e-4 of float64 on
+    Gemma 3's vocabulary, whichever way the output layer runs: in tiles (with a frozen
+    output layer, and with one that trains, as in a ``--test``-only run where nothing is
+    frozen), or whole (``head_chunk_size: 0``, or a layer the tiles cannot serve). One
+    float32 reduction over the whole vocabulary is off by ~5e-4 per token (sequential
+    summation on mlx's CPU), the entropy by as much relative (measured)."""
+    rows, T = 4, 24
+    layer, h, targets = gemma_sized_head(rows * T)
+    want = float64_stats(h, layer.weight, np.array(targets))
+    if path == "logits":
+        stats = logits_token_stats(layer(h)[None], targets[None], EXTRAS, grad=True)
+    elif path == "tiles":  # a reference or evaluation pass: no gradient
+        layer.freeze()
+        stats = tiled_token_stats(h, targets, Head(layer), EXTRAS, grad=False)
+    else:
+        stats = tiled_token_stats(h, targets, Head(layer), EXTRAS, grad=True)
     sums = np.array(stats.logps).reshape(rows, T).sum(-1)
-    assert np.abs(sums - want_logps.reshape(rows, T).sum(-1)).max() < 1e-4
-    assert np.abs(np.array(stats.entropy) - want_entropy).max() < 1e-4
-    # the whole logits' one reduction, for scale (not asserted: it depends on the backend)
-    z = mx.array(h) @ mx.array(weight).T
-    lse = mx.logsumexp(z, axis=-1)
-    whole = np.array(mx.take_along_axis(z, mx.array(targets)[:, None], -1)[:, 0] - lse)
-    print(
-        "whole logits, per-sequence sums off by",
-        np.abs(
-            whole.reshape(rows, T).sum(-1) - want_logps.reshape(rows, T).sum(-1)
-        ).max(),
-    )
+    assert np.abs(sums - want["logps"].reshape(rows, T).sum(-1)).max() < 1e-4
+    for name in EXTRAS:
+        got = np.array(getattr(stats, name)).reshape(-1)
+        assert np.abs(got - want[name]).max() < 1e-4 * np.abs(want[name]).max(), name
 
 
-def test_tiles_need_a_fraction_of_the_memory():
+@pytest.mark.parametrize("bias", [False, True], ids=["no bias", "bias"])
+def test_a_training_output_layer_gets_float64_gradients_through_tiles(bias):
+    """The gradients of a weighted sum of token log-probs with respect to the hidden
+    states and to the output layer's weight and bias, through the tiles, against float64:
+    within 1e-5 of each gradient's largest entry on a 262k vocabulary. The whole float32
+    logits' softmax, normalised by one sequential float32 sum, is off by ~5e-4 of it."""
+    N = 32
+    layer, h, targets = gemma_sized_head(N, bias=bias)
+    c = mx.array(np.random.default_rng(1).standard_normal(N).astype(np.float32))
+
+    def loss(params, h):
+        layer.update(params)
+        return (tiled_token_stats(h, targets, Head(layer)).logps * c).sum()
+
+    params = layer.trainable_parameters()
+    grads, grad_h = mx.grad(loss, argnums=(0, 1))(params, h)
+    layer.update(params)
+    want = float64_stats(h, layer.weight, np.array(targets), layer.get("bias"))
+    # d sum_n c_n (z_n[target] - lse_n) / d z = c (onehot - p)
+    dz = -np.asarray(c, np.float64)[:, None] * want["p"]
+    dz[np.arange(N), np.array(targets)] += np.asarray(c, np.float64)
+    expected = {
+        "weight": dz.T @ np.asarray(h, np.float64),
+        "h": dz @ np.asarray(layer.weight, np.float64),
+    }
+    if bias:
+        expected["bias"] = dz.sum(0)
+    got = {**grads, "h": grad_h}
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        error = np.abs(np.array(got[name]) - value).max()
+        assert error <= 1e-5 * np.abs(value).max(), name
+
+
+@pytest.mark.parametrize("trains", [None, "tied"])
+def test_tiles_need_a_fraction_of_the_memory(trains):
     """DPO's step (policy with its gradient, reference, metrics) on 2 pairs of 128 tokens
-    with a 131,072-entry vocabulary: the whole float32 logits alone are 256 MB."""
-    model = tiny_lora_model(vocab_size=131072, tie_word_embeddings=False)
+    with a 131,072-entry vocabulary: the whole float32 logits alone are 256 MB. Also where
+    the output layer trains (its gradient, 16 MB here, comes tile by tile): the tied
+    embedding (an untied lm_head takes the same path)."""
+    model = tiny_lora_model(vocab_size=131072, tie_word_embeddings=trains == "tied")
+    if trains:
+        output_layer(model).unfreeze()
     rng = np.random.default_rng(0)
     tokens = mx.array(rng.integers(3, 131072, (4, 129)).astype(np.int32))
     spans = mx.array([[64, 129]] * 4, dtype=mx.int32)
@@ -185,22 +248,68 @@ def test_models_it_cannot_serve_keep_the_whole_logits(capsys):
     assert head_for(tiny_lora_model(vocab_size=40000), "auto")[0] is not None
 
 
-def test_an_output_layer_that_trains_gets_its_gradient():
-    """A script's own unfreezing of lm_head (mlx-lm never trains it): the training pass
-    keeps the whole logits for the layer's gradient, the reference pass still tiles."""
-    model = tiny_lora_model(vocab_size=1000, tie_word_embeddings=False)
-    model.lm_head.unfreeze()
+def training_output_layers():
+    """Output layers that train (a ``--test``-only run freezes nothing; full fine-tuning or
+    a script may unfreeze them): tied, untied, untied with a bias, a bf16 model."""
+
+    def untied(bias=False, dtype=None):
+        model = tiny_lora_model(vocab_size=1000, tie_word_embeddings=False)
+        if bias:  # phi-2's and GPT-J's lm_head has a bias
+            mx.random.seed(3)
+            model.lm_head = nn.Linear(*model.lm_head.weight.shape[::-1], bias=True)
+            model.lm_head.bias = mx.random.normal(model.lm_head.bias.shape)
+        return _cast(model, dtype) if dtype else model
+
+    return {
+        "tied": lambda: tiny_lora_model(vocab_size=1000),
+        "lm_head": untied,
+        "lm_head+bias": lambda: untied(bias=True),
+        "bf16": lambda: untied(dtype=mx.bfloat16),
+    }
+
+
+@pytest.mark.parametrize("kind", list(training_output_layers()))
+@pytest.mark.parametrize("layout", ["rows", "shared"])
+@pytest.mark.parametrize(
+    "case",
+    [dict(loss_type="dpo", use_weighting=True), dict(loss_type="orpo")],
+    ids=["dpo-wpo", "orpo"],
+)
+def test_an_output_layer_that_trains_gets_its_gradient_through_tiles(
+    case, layout, kind
+):
+    """The output layer's weight (and bias) get the whole logits' gradients from the tiles;
+    a tied embedding its input and output gradients added up; the rest of the model the
+    same gradients as with the whole logits."""
+    model = training_output_layers()[kind]()
+    output_layer(model).unfreeze()
+    names = ["bias", "weight"] if kind == "lm_head+bias" else ["weight"]
     batch = random_batch(4)
+    batch = batch if layout == "rows" else shared_layout(batch)
     grads = []
     for chunk in ("0", "64"):
-        loss = PreferenceLoss(PreferenceArgs(loss_type="dpo", head_chunk_size=chunk))
+        loss = PreferenceLoss(PreferenceArgs(**case, head_chunk_size=chunk))
         grads.append(
             dict(tree_flatten(nn.value_and_grad(model, loss)(model, batch)[1]))
         )
-    assert "lm_head.weight" in grads[1]
-    assert mx.abs(grads[1]["lm_head.weight"]).max().item() > 0
-    for name, g in grads[0].items():
-        assert mx.abs(g - grads[1][name]).max().item() < 1e-6, name
+    whole, tiled = grads
+    prefix = "model.embed_tokens." if kind == "tied" else "lm_head."
+    assert {f"{prefix}{name}" for name in names} <= set(tiled)
+    scale = max(mx.abs(g).max().item() for g in whole.values())
+    # bf16: gradients a rounding step (2^-7) apart, as in the test above
+    tol = 2e-2 if kind == "bf16" else 1e-5
+    for name, g in whole.items():
+        assert mx.abs(g - tiled[name]).max().item() <= tol * scale, name
+        if name.startswith(prefix):
+            assert mx.abs(g).max().item() > 0, name
+
+
+def test_a_quantized_output_layer_that_trains_keeps_the_whole_logits():
+    """The tiles differentiate a plain weight and bias only."""
+    model = output_layers()["q4"]()
+    assert head_for(model, "64")[0] is not None
+    model.lm_head.unfreeze()
+    assert head_for(model, "64") == (None, None)
 
 
 def test_hidden_states_feed_the_output_layer():

@@ -42,7 +42,7 @@ from mlx_lm_pref.data import (
     tokenize_dpo,
 )
 from mlx_lm_pref.losses import kto_losses
-from mlx_lm_pref.metrics import average_metrics
+from mlx_lm_pref.metrics import average_metrics, metric_values, pack_metrics
 from mlx_lm_pref.objective import PreferenceLoss, metric_names, sequence_logps_dpo
 from mlx_lm_pref.reference import adapters_disabled
 
@@ -116,15 +116,31 @@ def test_kl_rows_take_the_prompt_and_another_completion(tokenizer):
     full = PreferenceDataset(rows, tokenizer, KTO)
     cut = max(e.start for e in full) + 2  # every row kept, some cut
     dataset = PreferenceDataset(rows, tokenizer, KTO, max_seq_length=cut)
-    dataset.assign_kl(2)
+    dataset = dataset.with_kl(2)
     assert any(len(e.sequence) < len(f.sequence) for e, f in zip(dataset, full))
     for k, (e, j) in enumerate(zip(dataset, kl_rotation(5, 2))):
         own, other = full[k], full[j]
         kl = own.sequence[: own.start] + other.sequence[other.start :]
         assert e.kl_sequence == kl[:cut] and e.sequence == own.sequence[:cut]
     apo = PreferenceDataset(rows, tokenizer, APO)
-    apo.assign_kl(2)
+    apo = apo.with_kl(2)
     assert all(e.kl_sequence is None for e in apo)
+
+
+def test_datasets_are_never_changed_in_place(tokenizer):
+    """KL rows and precomputed references come as new datasets; a dataset holding
+    references refuses KL rows of another batch size rather than drop them (they used to
+    be dropped silently, and the run failed later, inside the loss)."""
+    dataset = PreferenceDataset(unpaired(make_rows(6, 3)), tokenizer, KTO)
+    with_kl = dataset.with_kl(2)
+    assert with_kl is not dataset and all(e.kl_sequence is None for e in dataset)
+    assert with_kl.with_kl(2) is with_kl  # already of that chunk
+    scored = with_kl.with_reference([(-1.0 - k, -2.0) for k in range(len(dataset))])
+    assert all(e.reference is None for e in with_kl)
+    assert [e.reference for e in scored][:2] == [(-1.0, -2.0), (-2.0, -2.0)]
+    assert scored.with_kl(2) is scored
+    with pytest.raises(ValueError, match="batches of 2 rows, not 3"):
+        scored.with_kl(3)
 
 
 def test_rows_whose_prompt_fills_the_window_are_dropped(tokenizer):
@@ -211,7 +227,7 @@ def random_examples(n, seed, labels, kl=True):
 
 def _metrics(loss, model, batch):
     value, _, metrics = loss.metrics(model, batch)
-    return dict(zip(loss.metric_names, np.array(metrics).tolist()))
+    return metric_values(metrics)
 
 
 @pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
@@ -242,7 +258,6 @@ def test_metrics_are_trls_reductions(loss_type):
     )
     assert m["logps/chosen"] == pytest.approx(policy[:5][good].mean(), abs=1e-4)
     assert m["num_tokens"] == float(sum(len(e) for e in batch_rows(batch)))
-    assert (m["_chosen"], m["_rejected"], m["_both"]) == (1.0, 1.0, 1.0)
 
 
 def batch_rows(batch):
@@ -254,19 +269,19 @@ def test_a_batch_of_one_label_reports_no_margin():
     model = tiny_lora_model()
     loss = PreferenceLoss(KTO.replace(reference="adapters_off"))
     batch = make_batch(random_examples(3, 1, [True] * 3), 2048)
-    m = _metrics(loss, model, batch)
-    assert (m["_chosen"], m["_rejected"], m["_both"]) == (1.0, 0.0, 0.0)
-    assert math.isfinite(m["loss"]) and m["rewards/rejected"] == 0.0
+    _, _, metrics = loss.metrics(model, batch)
+    m = metric_values(metrics)
+    assert math.isfinite(m["loss"]) and "rewards/chosen" in m
+    assert "rewards/rejected" not in m and "rewards/margins" not in m
     # reports average a label's metrics over the steps that had it, as TRL's log()
     names = metric_names(KTO)
-    other = dict(m, **{"rewards/rejected": -2.0, "_rejected": 1.0, "_both": 1.0})
-    sums = [m[n] + other[n] for n in names]
-    averaged = average_metrics(names, sums, 2)
+    step = np.array(pack_metrics(names, metrics), np.float64)
+    other = step.copy()
+    other[names.index("rewards/rejected")] = (-4.0, 2.0)  # a step with 2 rejected rows
+    averaged = average_metrics(names, np.stack([step, other]))
     assert averaged["rewards/rejected"] == -2.0
     assert averaged["rewards/chosen"] == pytest.approx(m["rewards/chosen"])
-    assert "_chosen" not in averaged
-    alone = average_metrics(names, [m[n] for n in names], 1)
-    assert "rewards/rejected" not in alone and "rewards/margins" not in alone
+    assert "rewards/margins" not in averaged
 
 
 @pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])

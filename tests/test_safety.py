@@ -169,10 +169,7 @@ def test_skip_mode_drops_non_finite_updates_and_goes_on(tiny_model, tmp_path):
         *TRAIN,
     )
     for it in (2, 3, 4):
-        assert (
-            f"iteration {it}: non-finite loss or gradient, update skipped"
-            in proc.stdout
-        )
+        assert f"iteration {it}: non-finite gradient, update skipped" in proc.stdout
     first = (out / "0000001_adapters.safetensors").read_bytes()
     assert (out / "0000005_adapters.safetensors").read_bytes() == first
     assert (out / "adapters.safetensors").read_bytes() == first

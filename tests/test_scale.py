@@ -280,6 +280,7 @@ def test_losses_and_logps_are_float32_on_low_precision_models(dtype):
     from mlx_lm_pref.batching import PreferenceBatch
     from mlx_lm_pref.config import PreferenceArgs
     from mlx_lm_pref.logps import token_logps
+    from mlx_lm_pref.metrics import pack_metrics
     from mlx_lm_pref.objective import PreferenceLoss
 
     mx.random.seed(0)
@@ -303,9 +304,10 @@ def test_losses_and_logps_are_float32_on_low_precision_models(dtype):
     for loss_type in ("dpo", "orpo", "simpo"):
         loss = PreferenceLoss(PreferenceArgs(loss_type=loss_type))
         value, _, metrics = loss.metrics(model, PreferenceBatch(tokens, spans))
+        packed = pack_metrics(loss.metric_names, metrics)
         assert value.dtype == mx.float32, loss_type
-        assert metrics.dtype == mx.float32, loss_type
-        assert bool(mx.all(mx.isfinite(metrics))), loss_type
+        assert packed.dtype == mx.float32, loss_type
+        assert bool(mx.all(mx.isfinite(packed))), loss_type
 
 
 # ---- ORPO at log p = 0 and very negative log p ----
@@ -346,7 +348,7 @@ def test_orpo_at_exactly_log_p_zero(side, other, dtype):
 
 def lower_bound():
     """The oldest mlx-lm version the package declares support for."""
-    from mlx_lm_pref.patches import supported_range
+    from mlx_lm_pref.compat import supported_range
 
     spec = supported_range().specifier
     (lowest,) = [s.version for s in spec if s.operator in (">=", "==", "~=")]
@@ -375,7 +377,7 @@ print("mlx-lm", importlib.metadata.version("mlx-lm"), mlx_lm.__file__)
 def oldest_mlx_lm(mlx_lm_release):
     """PYTHONPATH entries putting the oldest supported mlx-lm in front of the installed one
     (when it differs), and its version."""
-    from mlx_lm_pref.patches import NEEDS_OLD_TRANSFORMERS
+    from mlx_lm_pref.compat import NEEDS_OLD_TRANSFORMERS
 
     oldest, installed = lower_bound(), importlib.metadata.version("mlx-lm")
     if oldest == installed:

@@ -888,7 +888,7 @@ def test_tokens_match_trl(case, models):
     assert len(ours) == len(theirs)
     fields = ("chosen", "rejected", "chosen_start", "rejected_start")
     if case.method == "kto":
-        ours.assign_kl(case.batch)
+        ours = ours.with_kl(case.batch)
         fields = ("sequence", "start", "label", "kl_sequence")
     for i, (pair, row) in enumerate(zip(ours, theirs)):
         got = {f: getattr(pair, f) for f in fields}

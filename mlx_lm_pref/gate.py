@@ -1,0 +1,451 @@
+"""The gate: everything a user typed, checked before the model loads.
+
+``mlx_lm.lora`` merges its command line, a YAML file and ``CONFIG_DEFAULTS``, loads the model,
+then the data; upstream, a mistake found after the load costs a model load and a traceback.
+Here bad input costs one line naming the file, line and field (or the option) and exit 2,
+and nothing is written. ``patches/lora.py`` calls the gate at three points:
+
+- ``command_line(argv)`` around upstream's ``main``: the YAML file is read and a mapping,
+  TRL's option names on the command line get the name to use (argparse would only say
+  "unrecognized arguments"), and what the user typed is recorded, since after ``main`` every
+  option has a value and ``--test`` must tell a typed one from a default;
+- ``check(ns)`` where ``run`` starts: ``--test`` alone takes the preference options of the
+  adapter it scores, then the YAML keys, the files the options name, the preference options
+  (``PreferenceArgs``) and their combinations with mlx-lm's;
+- ``load_datasets(ns)``: every row checked and tokenized with the tokenizer alone
+  (``data.py``'s row checks), what is left of each split against the batch size and the
+  ranks, and ``--num-layers`` against the model's layers.
+
+Where the refusals live: ``PreferenceArgs`` (``config.py``) refuses every combination of
+preference options among themselves, whoever builds them (CLI, YAML, a script's own
+``PreferenceArgs``), with ``READ_BY`` saying which trainer reads which option; the gate
+refuses what involves anything else: mlx-lm's options, the files, the data, the ranks.
+
+An SFT run (no ``loss_type``) gets only the checks whose input upstream would fail on too
+(files that are not there, preference pairs in its data), and stays upstream's otherwise.
+"""
+
+import json
+from contextlib import contextmanager
+from dataclasses import fields
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Optional
+
+import mlx.core as mx
+import yaml
+
+from .batching import preference_dataset_of
+from .config import (
+    TRL_NAMES,
+    YAML_ONLY,
+    ConfigError,
+    PreferenceArgs,
+    close_match,
+    config_defaults,
+    trl_hint,
+)
+from .console import log
+from .data import DataError, is_preference_row
+from .sharing import CHECKPOINTING
+
+FEATURES = {f"{n}_feature" for n in ("prompt", "completion", "chat", "text")}
+FEATURES |= {"chosen_feature", "rejected_feature"}
+HF_DATASET_KEYS = {"path", "train_split", "valid_split", "test_split", "config"}
+HF_DATASET_KEYS |= FEATURES | {"mask_prompt"}
+# What --test alone does not take from the adapter's options: how a run computes (the same
+# numbers either way) and reports. ``reference`` is taken only when it is none (the loss
+# has no reference): the trained adapter cannot be its own initial_adapter, and a
+# precomputed reference scores the model as training starts.
+RUN_MECHANICS = {"prompt_sharing", "head_chunk_size", "on_nonfinite", "report_metrics"}
+
+_typed: Optional[set] = None  # the option names given on the command line or in YAML
+
+
+# ---- the command line ----
+
+
+@contextmanager
+def command_line(argv):
+    """Check ``argv`` where upstream's ``main`` would read it, and record what it gives."""
+    global _typed
+    from mlx_lm import lora as lora_cli
+
+    given, extras = lora_cli.build_parser().parse_known_args(argv)
+    check_trl_flags(extras)
+    config = read_config(given.config) if given.config else {}
+    _typed = {k for k, v in vars(given).items() if v is not None} | set(config)
+    try:
+        yield
+    finally:
+        _typed = None
+
+
+def check_trl_flags(extras):
+    """A TRL option name among the arguments argparse does not know gets the name to use
+    (argparse exits on any unknown one after this: nothing else changes)."""
+    for arg in extras:
+        if not arg.startswith("--"):
+            continue
+        name = arg[2:].split("=", 1)[0].replace("-", "_")
+        if name in TRL_NAMES:
+            raise ConfigError(trl_hint(name, cli=True))
+
+
+def read_config(path) -> dict:
+    """The YAML file ``--config`` names, as a mapping."""
+    from mlx_lm import lora as lora_cli
+
+    try:
+        with open(path) as fid:
+            values = yaml.load(fid, lora_cli.yaml_loader)
+    except OSError as e:
+        raise ConfigError(f"--config {path}: {e.strerror}.") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e}).".replace("\n", " ")) from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values.")
+    return values
+
+
+def typed(ns) -> set:
+    """The option names the user gave: recorded by ``command_line``, or, for a script that
+    calls ``run`` itself, those whose value is not their default."""
+    if _typed is not None:
+        return _typed
+    defaults = config_defaults()
+    return {k for k, v in defaults.items() if getattr(ns, k, v) not in (None, v)}
+
+
+# ---- the run, before anything loads ----
+
+
+def check(ns) -> PreferenceArgs:
+    """Every check that needs neither the tokenizer nor the model; the run's options."""
+    notes = take_adapter_options(ns)
+    options = PreferenceArgs.from_namespace(ns)
+    check_config_keys(ns, options)
+    if options.is_preference:
+        check_run(options, ns)
+    check_files(ns)
+    if not options.is_preference:
+        check_sft_data(ns)
+    for note in notes:  # --test alone: the options given otherwise than trained
+        log(note)
+    return options
+
+
+def take_adapter_options(ns) -> list:
+    """``--test`` without ``--train`` scores an adapter trained with a preference loss as it
+    was trained: the preference options the user did not give come from the adapter's
+    ``adapter_config.json`` (mlx-lm saves the run's options there, ours included); the ones
+    given otherwise win and are named. Returns those lines."""
+    config = Path(ns.adapter_path or "") / "adapter_config.json"
+    if not ns.test or ns.train or not ns.adapter_path or not config.is_file():
+        return []
+    try:
+        saved = json.loads(config.read_text())
+        trained = PreferenceArgs.from_namespace(SimpleNamespace(**saved))
+    except (ValueError, TypeError) as e:
+        raise ConfigError(
+            f"{config}: cannot read the adapter's options ({e})"
+        ) from None
+    given = typed(ns) & set(config_defaults())
+    if "loss_type" in given:
+        method = PreferenceArgs.from_namespace(ns).method
+    else:
+        method = trained.method
+    if not trained.is_preference or method == "sft":
+        return []
+    notes = []
+    for name, default in config_defaults().items():
+        value = saved.get(name, default)
+        if name in given:
+            if name not in RUN_MECHANICS and differs(saved, name, getattr(ns, name)):
+                notes.append(
+                    f"--test: {name} {plain(getattr(ns, name))} (the adapter was trained "
+                    f"with {plain(value)})"
+                )
+        elif method == trained.method and taken(name, value):
+            setattr(ns, name, value)
+    return notes
+
+
+def taken(name, value) -> bool:
+    """Whether --test alone takes the adapter's ``value`` of option ``name`` (of the
+    adapter's method: another method's options stay defaults)."""
+    if name in RUN_MECHANICS:
+        return False
+    return name != "reference" or value == "none"
+
+
+def differs(saved: dict, name, value) -> bool:
+    """Whether ``value`` of ``name`` scores otherwise than the adapter's options (``dpo``
+    and ``sigmoid`` do not)."""
+    values = {f.name: saved.get(f.name) for f in fields(PreferenceArgs)}
+    before = PreferenceArgs.from_namespace(SimpleNamespace(**values))
+    try:
+        after = PreferenceArgs.from_namespace(
+            SimpleNamespace(**{**values, name: value})
+        )
+    except ConfigError:
+        return True
+    return before != after
+
+
+def plain(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def check_config_keys(ns, options):
+    """A misspelt YAML key would be ignored (mlx-lm reads only the keys it knows) and the
+    run go on without it: refuse the keys that are one or two edits from a known one, and
+    TRL's names. For an SFT run only the misspellings of preference options (upstream's
+    own keys are upstream's business)."""
+    if not getattr(ns, "config", None):
+        return
+    from mlx_lm import lora as lora_cli
+
+    config = read_config(ns.config)
+    preference = options.is_preference
+    ours = set(config_defaults())
+    known = set(lora_cli.CONFIG_DEFAULTS) | YAML_ONLY | FEATURES | ours
+    known |= {a.dest for a in lora_cli.build_parser()._actions}
+    entries = config.get("hf_dataset") or []
+    entries = [entries] if isinstance(entries, dict) else entries
+    if not isinstance(entries, list):
+        raise ConfigError(
+            f"{ns.config}: hf_dataset must be a mapping (path, train_split, ...) or a "
+            "list of them."
+        )
+    checks = [(config, known, "")]
+    checks += [(e, HF_DATASET_KEYS, f"hf_dataset[{i}].") for i, e in enumerate(entries)]
+    for mapping, names, where in checks:
+        if not isinstance(mapping, dict):
+            raise ConfigError(f"{ns.config}: {where.rstrip('.')} must be a mapping.")
+        if where and preference and not mapping.get("path"):
+            raise ConfigError(
+                f"{ns.config}: {where}path is missing: the dataset's name or folder."
+            )
+        for key in mapping:
+            if key in names:
+                continue
+            if preference and not where and key in TRL_NAMES:
+                raise ConfigError(f"{ns.config}: {trl_hint(key)}")
+            guess = close_match(key, names)
+            if guess and (preference or guess in ours):
+                raise ConfigError(
+                    f"{ns.config}: unknown key '{where}{key}'; did you mean '{guess}'?"
+                )
+
+
+def check_files(ns):
+    """The files and folders the options name exist (upstream fails on each of these too,
+    after the model loaded)."""
+    if not ns.train and not ns.test:
+        raise ConfigError(
+            "give --train, --test or both (YAML: train: true, test: true)."
+        )
+    resume = getattr(ns, "resume_adapter_file", None)
+    if resume and not Path(resume).is_file():
+        what = (
+            "a folder: name the .safetensors file in it"
+            if Path(resume).is_dir()
+            else "no such file"
+        )
+        raise ConfigError(f"--resume-adapter-file {resume}: {what}.")
+    if not getattr(ns, "hf_dataset", None):
+        check_data_folder(ns)
+    if ns.test and not ns.train and ns.adapter_path:
+        adapters = Path(ns.adapter_path)
+        for name in ("adapters.safetensors", "adapter_config.json"):
+            if not (adapters / name).is_file():
+                raise ConfigError(
+                    f"--adapter-path {adapters}: no {name} for --test to load (train "
+                    'one with --train, or pass --adapter-path "" to test the model '
+                    "alone)."
+                )
+
+
+def check_data_folder(ns):
+    """``--data`` names a local folder, or (a name, owner/name) a Hugging Face dataset."""
+    data = Path(ns.data)
+    if not data.exists():
+        if looks_like_a_path(ns.data):
+            raise ConfigError(f"--data {ns.data}: no such folder.")
+        return  # a Hugging Face dataset: datasets says if it is not there
+    if not data.is_dir():
+        raise ConfigError(
+            f"--data {ns.data}: not a folder; --data names a folder holding train.jsonl, "
+            "valid.jsonl and test.jsonl."
+        )
+    wanted = [("train", ns.train), ("test", ns.test)]
+    for split in (split for split, asked in wanted if asked):
+        if not (data / f"{split}.jsonl").is_file():
+            raise ConfigError(
+                f"--data {ns.data}: no {split}.jsonl in this folder (--{split} reads it; "
+                "validation reads valid.jsonl)."
+            )
+
+
+def looks_like_a_path(data: str) -> bool:
+    """Not a Hugging Face dataset's ``name``, ``owner/name`` or URL."""
+    if "://" in data:
+        return False
+    return data.startswith(("/", ".", "~")) or data.count("/") > 1 or "\\" in data
+
+
+def check_sft_data(ns):
+    """Preference pairs in an SFT run's local data (``loss_type`` forgotten or misspelt)
+    fail in upstream's loader after the model loaded; say so before."""
+    if getattr(ns, "hf_dataset", None) or not Path(ns.data).is_dir():
+        return
+    split = "train" if ns.train else "test"  # --test alone reads test.jsonl only
+    path = Path(ns.data) / f"{split}.jsonl"
+    if not path.is_file():
+        return
+    with open(path, "rb") as fid:
+        first = next((line for line in fid if line.strip()), b"")
+    try:
+        row = json.loads(first)
+    except ValueError:
+        return  # upstream's loader reports it
+    if not is_preference_row(row):
+        return
+    if ns.train:
+        raise DataError(
+            f"{path}: rows with 'chosen' and 'rejected' are preference pairs; train on "
+            "them with --loss-type dpo or orpo (YAML: loss_type: dpo)."
+        )
+    raise DataError(
+        f"{path}: rows with 'chosen' and 'rejected' are preference pairs, and "
+        f"{ns.adapter_path or 'the model'} was not trained with a preference loss: "
+        "score them with --loss-type dpo (or orpo, cpo, kto, ...)."
+    )
+
+
+def check_run(options, ns):
+    """Refuse, before anything is loaded or written, the preference options that
+    mlx-lm's options (or the ranks) make impossible."""
+    losses = ",".join(options.loss_type)
+    for name, least in (("max_seq_length", 2), ("batch_size", 1), ("iters", 0)):
+        value = getattr(ns, name, None)
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ConfigError(
+                f"{name} must be a whole number >= {least}, got {value!r}."
+            )
+    live_reference = options.reference in ("adapters_off", "initial_adapter")
+    if options.needs_reference and live_reference and ns.fine_tune_type == "full":
+        raise ConfigError(
+            f"--loss-type {losses} with --fine-tune-type full: the reference "
+            f"({options.reference}) comes from the LoRA adapters, and full fine-tuning has "
+            "none. Use --reference precomputed (the default there), --fine-tune-type lora "
+            "(or dora), or a reference-free loss (orpo, simpo)."
+        )
+    if getattr(ns, "mask_prompt", False):
+        raise ConfigError(
+            f"--mask-prompt with --loss-type {losses}: preference losses score the "
+            "completions only (ORPO's NLL covers the prompt too, as TRL's): the option "
+            "would change nothing. Remove --mask-prompt (YAML: mask_prompt)."
+        )
+    if options.needs_reference and options.reference == "precomputed":
+        if ns.test and not ns.train:
+            raise ConfigError(
+                "--reference precomputed scores the pairs with the model as training "
+                "starts, and --test without --train trains nothing. Use --reference auto "
+                "(the base model) or adapters_off."
+            )
+    if options.prompt_sharing == "true" and getattr(ns, "grad_checkpoint", False):
+        raise ConfigError(
+            f"prompt_sharing true: {CHECKPOINTING}. Set prompt_sharing auto."
+        )
+    check_batch_size(options, ns)
+
+
+def check_batch_size(options, ns):
+    """What a batch needs: a share for every rank, and the rows the loss compares."""
+    ranks = mx.distributed.init().size()
+    if ns.batch_size % ranks:
+        raise ConfigError(
+            f"--batch-size {ns.batch_size} with {ranks} processes: the batch is split "
+            f"across them, so it must divide by {ranks}."
+        )
+    if options.kl_term and ns.batch_size < 2:
+        raise ConfigError(
+            "loss_type kto estimates its KL term from each row's prompt with another "
+            "row's completion in the same batch: with batch_size 1 it would equal the "
+            "reward (TRL refuses it too). Use --batch-size 2 or more, or --loss-type "
+            "apo_zero_unpaired (no KL term)."
+        )
+    pairs_per_rank = ns.batch_size // ranks
+    if set(options.loss_type) & {"aot", "aot_unpaired"} and pairs_per_rank < 2:
+        raise ConfigError(
+            "loss_type aot/aot_unpaired sorts log-ratios across the pairs of a batch: "
+            f"batch_size {ns.batch_size} gives {pairs_per_rank} pair per rank. Use "
+            "--batch-size 2 or more per rank."
+        )
+
+
+# ---- the data, with the tokenizer alone ----
+
+
+def load_datasets(ns) -> tuple:
+    """The (train, valid, test) datasets, built with the model's tokenizer alone, every
+    row checked; then what is left of the training set, and the model's layers."""
+    import mlx_lm.lora
+    from mlx_lm.utils import _download, load_config, load_tokenizer
+
+    try:
+        model_path = _download(ns.model)
+        config = load_config(model_path)
+        tokenizer = load_tokenizer(
+            model_path,
+            {"trust_remote_code": getattr(ns, "trust_remote_code", False)},
+            eos_token_ids=config.get("eos_token_id"),
+        )
+    except Exception as e:  # what mlx-lm's load would fail on next
+        raise ConfigError(f"--model {ns.model}: cannot load it ({e}).") from None
+    splits = mlx_lm.lora.load_dataset(ns, tokenizer)
+    if ns.train:
+        check_train_size(splits[0], ns.batch_size)
+    check_num_layers(ns, config)
+    return splits
+
+
+def check_train_size(train, batch_size):
+    """A training batch is ``batch_size`` pairs (KTO: rows) of the training set, after the
+    pairs dropped for max_seq_length and identical_pairs: drop. (Validation and --test keep
+    a last smaller batch: any size evaluates.)"""
+    dataset = preference_dataset_of(train)
+    if dataset is None or len(dataset) >= batch_size:
+        return
+    dropped = []
+    if dataset.dropped:
+        dropped.append(
+            f"{dataset.dropped} whose prompt alone reaches "
+            f"max_seq_length={dataset.max_seq_length}"
+        )
+    if dataset.identical and dataset.options.identical_pairs == "drop":
+        dropped.append(f"{dataset.identical} identical pairs")
+    after = f" (after dropping {' and '.join(dropped)})" if dropped else ""
+    raise DataError(
+        f"{dataset.source}: {len(dataset)} {dataset.unit} to train on{after}, fewer than "
+        f"batch_size {batch_size}: lower --batch-size (YAML: batch_size) to at most "
+        f"{max(len(dataset), 1)}, or add data."
+    )
+
+
+def check_num_layers(ns, config: dict) -> None:
+    """mlx-lm's default ``num_layers`` of 16 is more than a small model has; upstream says so
+    with a traceback once the model is loaded."""
+    layers = config.get("num_hidden_layers") or config.get("text_config", {}).get(
+        "num_hidden_layers"
+    )
+    wanted = getattr(ns, "num_layers", None)
+    if not getattr(ns, "train", False):  # --test alone: the adapter's own layers count
+        return
+    if isinstance(layers, int) and isinstance(wanted, int) and wanted > layers:
+        raise ConfigError(
+            f"--num-layers {wanted} (mlx-lm's default is 16) but {ns.model} has {layers} "
+            f"layers: pass --num-layers -1 to train all of them, or at most {layers}."
+        )

@@ -1,0 +1,233 @@
+"""A preference run's training and evaluation sessions: what mlx-lm's ``train()`` and
+``evaluate()`` are handed in place of their SFT loss and batches.
+
+The patch wrappers (``patches/trainer.py``) only bind mlx-lm's arguments by name and
+delegate here. ``training(a, defaults)`` starts (or joins) the ``PreferenceRun``, decides
+what it trains with for this model (``start_training``: prompt sharing and the output layer
+in tiles, each checked once on the model; the reference and its step-0 adapter or
+precomputed log-probs; the loss, the guard, the reporter) and rewrites ``a``, the trainer's
+arguments, to use them. ``evaluation(a, defaults)`` picks the loss and batches an
+``evaluate()`` call scores with. Everything a user typed was checked before the model
+loaded (``gate``); what is checked here depends on the model.
+"""
+
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+
+from .batching import (
+    iterate_eval_batches,
+    iterate_preference_batches,
+    preference_dataset_of,
+)
+from .console import is_main_rank, log
+from .data import label_balance
+from .evaluation import evaluate_preference
+from .head import head_for, resolve_head_chunks
+from .metrics import METRICS_FILE, PreferenceReporter, shown_metrics
+from .objective import PreferenceLoss, metric_names
+from .precompute import model_fingerprint, precompute_reference
+from .reference import InitialAdapter, check_reference, resolve_reference
+from .run import PreferenceRun, current_run, running
+from .safety import RunGuard
+from .sharing import resolve_prompt_sharing
+
+SHARING_NAMES = {
+    "auto": "auto (each prompt run once in the batches where that computes fewer positions)",
+    "true": "on (each prompt run once in every batch)",
+}
+REFERENCE_NAMES = {
+    "precomputed": "precomputed (the model as training starts, scored once before step 1)",
+    "adapters_off": "adapters_off (the base model: LoRA scales set to 0)",
+    "initial_adapter": "initial_adapter (the adapter as loaded at step 0)",
+    "none": "none (reference log-probs are 0)",
+}
+
+
+class WatchedBatches:
+    """The training batch iterator, with the guard settling each step before the next.
+    Validation, which train() hands the same iterator, gets ``unwatched``."""
+
+    def __init__(self, iterate_batches, guard):
+        self.unwatched, self.guard = iterate_batches, guard
+
+    def __call__(self, *args, **kwargs):
+        return self.guard.watch(self.unwatched(*args, **kwargs))
+
+
+@contextmanager
+def training(a: dict, defaults: set):
+    """A preference training session for mlx-lm's ``train()`` arguments ``a`` (bound by
+    name, rewritten in place); ``defaults``: the names among ``loss`` and
+    ``iterate_batches`` the caller left to mlx-lm."""
+    if a["val_dataset"] and preference_dataset_of(a["val_dataset"]) is None:
+        raise ValueError(
+            "The training set holds preference pairs but the validation set does not."
+        )
+    # A script's own PreferenceLoss(options): its options, checked for this model and its
+    # reference set up as for the dataset's own (start_training resolves them).
+    own = a["loss"] if isinstance(a["loss"], PreferenceLoss) else None
+    pairs = preference_dataset_of(a["train_dataset"])
+    run = current_run()  # mlx_lm.lora's, else this call starts one
+    options = own.options if own else pairs.options
+    with nullcontext(run) if run else running(PreferenceRun(options)) as run:
+        start_training(run, a)
+        for name in ("train_dataset", "val_dataset"):  # with precomputed references
+            a[name] = run.scored_version(a[name])
+        if own or "loss" in defaults:
+            a["loss"] = run.loss
+        if "iterate_batches" in defaults:
+            a["iterate_batches"] = partial(
+                iterate_preference_batches, prompt_sharing=run.options.prompt_sharing
+            )
+        a["iterate_batches"] = WatchedBatches(a["iterate_batches"], run.guard)
+        a["training_callback"] = run.reporter
+        stop_watching = run.guard.start(a["optimizer"])
+        tic = time.perf_counter()
+        try:
+            with run.guard.ctrl_c_between_steps():
+                yield run
+        except KeyboardInterrupt:
+            log(
+                f"Interrupted after iteration {run.guard.iteration}. {run.guard.on_disk()}"
+            )
+            raise
+        finally:
+            run.train_seconds = time.perf_counter() - tic
+            stop_watching()
+
+
+def start_training(run: PreferenceRun, a: dict) -> None:
+    """Decide what the run trains with, for this model: prompt sharing (the probe), the
+    output layer in tiles (the probe), the reference (and its step-0 adapter or its
+    precomputed log-probs), and set up the loss, the guard and the reporter."""
+    model, training_args = a["model"], a["args"]
+    options = resolve_prompt_sharing(model, run.options, training_args.grad_checkpoint)
+    if options.prompt_sharing != "false":
+        log(f"prompt sharing: {SHARING_NAMES[options.prompt_sharing]}")
+    options = resolve_head_chunks(model, options)
+    layout = _announce_head(model, options)
+    initial = None
+    if options.needs_reference:
+        options = options.replace(reference=resolve_reference(model, options.reference))
+        check_reference(model, options)
+        if options.reference == "initial_adapter":
+            initial = InitialAdapter(model)
+        log(f"{options.method} reference: {REFERENCE_NAMES[options.reference]}")
+    datasets = [
+        preference_dataset_of(d) for d in (a["train_dataset"], a["val_dataset"]) if d
+    ]
+    if options.method == "kto":
+        for line in label_balance(datasets[0], options):
+            log(line)
+    datasets += [d for d in run.scored_alike if d not in datasets]
+    if options.reference == "precomputed":
+        run.scored = _precompute(model, datasets, options, training_args)
+    metrics_path = Path(training_args.adapter_file).parent / METRICS_FILE
+    if is_main_rank():
+        # A training run starts its own record, as it overwrites adapters.safetensors.
+        metrics_path.unlink(missing_ok=True)
+    names = metric_names(options)
+    run.options = options
+    run.loss = PreferenceLoss(options, initial)
+    run.guard = RunGuard(
+        model, names, training_args.adapter_file, skip=options.on_nonfinite == "skip"
+    )
+    run.reporter = PreferenceReporter(
+        run.guard,
+        names,
+        metrics_path,
+        inner=a["training_callback"],
+        shown=shown_metrics(options),
+    )
+    run.description = _description(options, layout)
+
+
+def _announce_head(model, options) -> str:
+    """Say how the output layer runs; returns it in words."""
+    head, tile = head_for(model, options.head_chunk_size)
+    if head is None:
+        return "whole logits"
+    rows = f"{tile} rows" if tile else "rows sized to each batch"
+    layout = f"output layer in tiles of {rows}"
+    log(f"{layout} (vocabulary {head.vocab:,}): no whole logits")
+    return layout
+
+
+def _precompute(model, datasets, options, training_args) -> list:
+    """``(dataset, the same with its reference log-probs)`` for each of ``datasets``."""
+    model_hash = model_fingerprint(model)
+    scored = []
+    for dataset in datasets:
+        with_reference, status = precompute_reference(
+            model,
+            dataset,
+            options,
+            training_args.batch_size,
+            training_args.max_seq_length,
+            model_hash,
+        )
+        log(f"reference log-probs of {dataset.source}: {status}")
+        scored.append((dataset, with_reference))
+    return scored
+
+
+def _description(options, layout) -> str:
+    """What the run trains with, in words, for the end-of-run summary."""
+    losses = ", ".join(options.loss_type)
+    text = f"{options.method} ({losses}, beta {options.beta:g})"
+    if options.method == "kto":
+        text += f", weights {options.desirable_weight:g}/{options.undesirable_weight:g}"
+    if options.needs_reference:
+        text += f", reference {options.reference}"
+    return text + f", prompt_sharing {options.prompt_sharing}, {layout}"
+
+
+def _checked_for(model, options):
+    """``options`` resolved for ``model`` (prompt sharing and tiles probed)."""
+    return resolve_head_chunks(model, resolve_prompt_sharing(model, options))
+
+
+def evaluation(a: dict, defaults: set, upstream):
+    """mlx-lm's ``evaluate()`` of preference data, for its arguments ``a`` (bound by name);
+    ``upstream()`` runs mlx-lm's own with ``a`` (a caller's own loss)."""
+    loss, run = a["loss"], current_run()
+    if run is not None:  # the test split, scored before step 1 with the rest
+        a["dataset"] = run.scored_version(a["dataset"])
+    pairs = preference_dataset_of(a["dataset"])
+    batches = a["iterate_batches"]
+    batches = getattr(batches, "unwatched", batches)
+    default_batches = "iterate_batches" in defaults or (
+        getattr(batches, "func", None) is iterate_preference_batches
+    )
+    if "loss" in defaults:
+        if run is not None and run.loss is not None:  # validation, or --test after it
+            loss = run.loss
+        else:  # a script's own evaluate call: the dataset's options, for this model
+            loss = PreferenceLoss(_checked_for(a["model"], pairs.options))
+    elif isinstance(loss, PreferenceLoss) and (run is None or loss is not run.loss):
+        # a script's own PreferenceLoss(options): checked for this model, as above
+        loss = replace(loss, options=_checked_for(a["model"], loss.options))
+    if not isinstance(loss, PreferenceLoss):
+        # A caller's own loss gets mlx-lm's own evaluation of it, on the pairs in file
+        # order (whole rows: the caller's loss knows nothing of the shared layout).
+        if default_batches:
+            a["iterate_batches"] = iterate_eval_batches
+        return upstream()
+    if default_batches:  # TRL's evaluation order, in the run's layout
+        batches = partial(
+            iterate_eval_batches, prompt_sharing=loss.options.prompt_sharing
+        )
+    return evaluate_preference(
+        a["model"],
+        a["dataset"],
+        a["batch_size"],
+        a["num_batches"],
+        loss,
+        max_seq_length=a["max_seq_length"],
+        iterate_batches=batches,
+        clear_cache_threshold=a.get("clear_cache_threshold", 0),
+        progress_callback=a.get("progress_callback"),
+    )
