@@ -26,7 +26,7 @@ def activate(module) -> None:
     try:
         import mlx_lm_pref  # noqa: F401  (importing it applies the patches)
     except Exception as error:
-        # mlx_lm_pref.patches.UnsupportedVersionError says it all; anything else is ours.
+        # mlx_lm_pref.compat.UnsupportedVersionError says it all; anything else is ours.
         said = (
             str(error)
             if type(error).__name__ == "UnsupportedVersionError"

@@ -8,7 +8,7 @@
 
 import importlib.metadata
 
-from .patches import UnsupportedVersionError
+from .compat import UnsupportedVersionError
 from .patches import apply as patch
 from .patches import is_applied
 from .patches import revert as unpatch

@@ -27,10 +27,10 @@ An SFT run (no ``loss_type``) gets only the checks whose input upstream would fa
 
 import json
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import fields
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Optional
 
 import mlx.core as mx
 import yaml
@@ -59,7 +59,9 @@ HF_DATASET_KEYS |= FEATURES | {"mask_prompt"}
 # precomputed reference scores the model as training starts.
 RUN_MECHANICS = {"prompt_sharing", "head_chunk_size", "on_nonfinite", "report_metrics"}
 
-_typed: Optional[set] = None  # the option names given on the command line or in YAML
+# The option names given on the command line or in YAML, while upstream's ``main`` runs (it
+# parses the command line and calls ``run`` with no argument that could carry them).
+_typed: ContextVar = ContextVar("mlx_lm_pref_typed", default=None)
 
 
 # ---- the command line ----
@@ -68,17 +70,17 @@ _typed: Optional[set] = None  # the option names given on the command line or in
 @contextmanager
 def command_line(argv):
     """Check ``argv`` where upstream's ``main`` would read it, and record what it gives."""
-    global _typed
     from mlx_lm import lora as lora_cli
 
     given, extras = lora_cli.build_parser().parse_known_args(argv)
     check_trl_flags(extras)
     config = read_config(given.config) if given.config else {}
-    _typed = {k for k, v in vars(given).items() if v is not None} | set(config)
+    typed_now = {k for k, v in vars(given).items() if v is not None} | set(config)
+    token = _typed.set(typed_now)
     try:
         yield
     finally:
-        _typed = None
+        _typed.reset(token)
 
 
 def check_trl_flags(extras):
@@ -111,8 +113,8 @@ def read_config(path) -> dict:
 def typed(ns) -> set:
     """The option names the user gave: recorded by ``command_line``, or, for a script that
     calls ``run`` itself, those whose value is not their default."""
-    if _typed is not None:
-        return _typed
+    if _typed.get() is not None:
+        return _typed.get()
     defaults = config_defaults()
     return {k for k, v in defaults.items() if getattr(ns, k, v) not in (None, v)}
 

@@ -16,11 +16,7 @@ import sys
 
 import wrapt
 
-from mlx_lm_pref.compat import (  # noqa: F401  (re-exported)
-    UnsupportedVersionError,
-    check_version,
-    supported_range,
-)
+from mlx_lm_pref.compat import check_version
 
 logger = logging.getLogger("mlx_lm_pref")
 

@@ -20,7 +20,7 @@ from mlx_lm_pref.reference import (
     adapters_disabled,
     reference_context,
 )
-from mlx_lm_pref.safety import UPDATE_ATTRIBUTE, RunGuard, watch_updates
+from mlx_lm_pref.safety import UPDATE_ATTRIBUTE, RunGuard
 
 
 def test_aot_scores_a_one_pair_validation_batch(tiny_model, tmp_path):

@@ -346,13 +346,19 @@ def test_test_alone_scores_the_adapter_as_trained(tiny_model, tmp_path):
     assert tests[2]["loss"] != tests[0]["loss"]  # the beta given wins
 
 
-def test_given_options_are_told_from_defaults(monkeypatch):
+def test_given_options_are_told_from_defaults(tmp_path):
     """After mlx-lm's ``main`` every option has a value; the command line and the YAML
     file say which the user gave."""
     ns = SimpleNamespace(**{**config_defaults(), "beta": 0.1, "ld_alpha": 0.5})
     assert gate.typed(ns) == {"ld_alpha"}  # a script's namespace: not the default
-    monkeypatch.setattr(gate, "_typed", {"beta"})
-    assert gate.typed(ns) == {"beta"}  # the command line said --beta 0.1
+    ours = set(config_defaults())
+    with gate.command_line(["--beta", "0.1"]):
+        assert gate.typed(ns) & ours == {"beta"}  # the command line said --beta 0.1
+    config = tmp_path / "c.yaml"
+    config.write_text("loss_type: dpo\n")
+    with gate.command_line(["--beta", "0.1", "--config", str(config)]):
+        assert gate.typed(ns) & ours == {"beta", "loss_type"}
+    assert gate.typed(ns) == {"ld_alpha"}  # and forgotten after
 
 
 def test_differs_compares_what_is_scored():
