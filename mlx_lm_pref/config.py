@@ -72,8 +72,12 @@ READ_BY = {
     "undesirable_weight": ("kto",),
     "reference": ("dpo", "kto"),
 }
-TRAINERS = {"dpo": "DPOTrainer", "orpo": "ORPOTrainer", "cpo": "CPOTrainer"}
-TRAINERS["kto"] = "KTOTrainer"
+TRAINERS = {
+    "dpo": "DPOTrainer",
+    "orpo": "ORPOTrainer",
+    "cpo": "CPOTrainer",
+    "kto": "KTOTrainer",
+}
 # How TRL's other trainers cut a sequence longer than max_length (they have no keep_end).
 CUTS = {
     "orpo": "has no truncation_mode: it keeps the prompt whole and cuts the answer",
@@ -553,6 +557,7 @@ class Instead(NamedTuple):
 UNSUPPORTED_REFERENCE = (
     "TR-DPO's reference updates: the reference stays as training starts"
 )
+MASKED_PADDING = "padding is masked out: its token does not matter"
 # TRL option names that are not ours: the fields DPOConfig, ORPOConfig, CPOConfig and KTOConfig
 # declare themselves (tests/test_gate.py checks that each is ours or listed here), the common
 # TrainingArguments ones, and TRL 0.x's. In a preference YAML mlx-lm would keep and ignore them
@@ -618,10 +623,8 @@ TRL_NAMES = {
     "pad_to_multiple_of": Instead(
         None, note="batches are padded to one more than a multiple of 32 tokens"
     ),
-    "pad_token": Instead(None, note="padding is masked out: its token does not matter"),
-    "padding_value": Instead(
-        None, note="padding is masked out: its token does not matter"
-    ),
+    "pad_token": Instead(None, note=MASKED_PADDING),
+    "padding_value": Instead(None, note=MASKED_PADDING),
     "activation_offloading": Instead(
         None, note="grad_checkpoint saves activation memory by recomputing instead"
     ),

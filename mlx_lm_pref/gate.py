@@ -440,12 +440,12 @@ def check_train_size(train, batch_size):
 def check_num_layers(ns, config: dict) -> None:
     """mlx-lm's default ``num_layers`` of 16 is more than a small model has; upstream says so
     with a traceback once the model is loaded."""
+    if not getattr(ns, "train", False):  # --test alone: the adapter's own layers count
+        return
     layers = config.get("num_hidden_layers") or config.get("text_config", {}).get(
         "num_hidden_layers"
     )
     wanted = getattr(ns, "num_layers", None)
-    if not getattr(ns, "train", False):  # --test alone: the adapter's own layers count
-        return
     if isinstance(layers, int) and isinstance(wanted, int) and wanted > layers:
         raise ConfigError(
             f"--num-layers {wanted} (mlx-lm's default is 16) but {ns.model} has {layers} "

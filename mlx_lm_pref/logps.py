@@ -43,37 +43,31 @@ def fused_cross_entropy() -> bool:
     return mx.default_device() == mx.gpu and has_fused_cross_entropy()
 
 
-def blocked_sum(x: mx.array) -> mx.array:
-    """Sum over the last axis, (..., n) -> (...): in blocks of BLOCK entries, then the block
-    sums the same way, so that no float32 sum has more than BLOCK terms (a 262k axis: three
-    levels)."""
+def _in_blocks(x: mx.array, reduce) -> mx.array:
+    """``reduce`` (``mx.sum``, ``mx.logsumexp``) over the last axis, (..., n) -> (...): over
+    blocks of BLOCK entries, then over the blocks' results the same way, so that no float32
+    reduction has more than BLOCK terms (a 262k axis: three levels)."""
     n = x.shape[-1]
     if n <= BLOCK:
-        return x.sum(-1)
+        return reduce(x, axis=-1)
     whole = n - n % BLOCK
-    blocks = x[..., :whole].reshape(*x.shape[:-1], -1, BLOCK).sum(-1)
-    total = blocked_sum(blocks)
-    return total + x[..., whole:].sum(-1) if n % BLOCK else total
-
-
-def _blocked_logsumexp(x):
-    """``logsumexp``'s value, (..., n) -> (...)."""
-    n = x.shape[-1]
-    if n <= BLOCK:
-        return mx.logsumexp(x, axis=-1)
-    whole = n - n % BLOCK
-    blocks = mx.logsumexp(x[..., :whole].reshape(*x.shape[:-1], -1, BLOCK), axis=-1)
+    parts = reduce(x[..., :whole].reshape(*x.shape[:-1], -1, BLOCK), axis=-1)
     if n % BLOCK:
-        rest = mx.logsumexp(x[..., whole:], axis=-1, keepdims=True)
-        blocks = mx.concatenate([blocks, rest], axis=-1)
-    return _blocked_logsumexp(blocks)
+        rest = reduce(x[..., whole:], axis=-1, keepdims=True)
+        parts = mx.concatenate([parts, rest], axis=-1)
+    return _in_blocks(parts, reduce)
+
+
+def blocked_sum(x: mx.array) -> mx.array:
+    """Sum over the last axis, (..., n) -> (...), in blocks (``_in_blocks``)."""
+    return _in_blocks(x, mx.sum)
 
 
 @mx.custom_function
 def logsumexp(x: mx.array) -> mx.array:
     """log sum exp over the last axis, (..., n) -> (...): ``mx.logsumexp`` over blocks of
     BLOCK entries, then over the blocks' values the same way."""
-    return _blocked_logsumexp(x)
+    return _in_blocks(x, mx.logsumexp)
 
 
 @logsumexp.vjp

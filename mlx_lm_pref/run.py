@@ -19,6 +19,7 @@ from typing import Optional
 
 from mlx_lm.tuner.datasets import CacheDataset
 
+from .batching import preference_dataset_of
 from .config import PreferenceArgs
 
 
@@ -48,7 +49,7 @@ class PreferenceRun:
     def scored_version(self, dataset):
         """``dataset`` (a PreferenceDataset, or mlx-lm's CacheDataset of one) with its
         precomputed reference log-probs when the run scored it, else itself."""
-        pairs = getattr(dataset, "_data", dataset)
+        pairs = preference_dataset_of(dataset)
         for loaded, scored in self.scored:
             if loaded is pairs:
                 return CacheDataset(scored) if pairs is not dataset else scored
