@@ -11,7 +11,10 @@ both paths, because YAML values never pass through argparse.
   ``loss_weights`` (RPO = ``[sigmoid, sft]``); inside a list ``sft`` is TRL's DPO ``sft`` term;
 - ``orpo``; ``cpo`` (with ``cpo_loss_type``), ``simpo`` and ``alphapo`` (TRL's CPO sugar);
 - ``kto`` or ``apo_zero_unpaired``: TRL's ``KTOTrainer`` on unpaired rows (a completion and a
-  boolean label each; paired rows are unpaired as TRL does).
+  boolean label each; paired rows are unpaired as TRL does);
+- ``grpo``, ``dr_grpo``, ``dapo``, ``bnpo`` or ``cispo``: TRL's ``GRPOTrainer`` with that
+  ``loss_type`` (TRL's default is dapo), and ``rloo``: TRL's ``RLOOTrainer``; both train on
+  prompt-only rows with completions sampled from the model and scored by ``reward_funcs``.
 """
 
 import argparse
@@ -38,7 +41,9 @@ DPO_LOSSES = (
     "cdpo",
 )
 KTO_LOSSES = ("kto", "apo_zero_unpaired")
+GRPO_LOSSES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo")
 LOSS_TYPES = ("sft", "dpo", "orpo", "cpo", "simpo", "alphapo") + KTO_LOSSES
+LOSS_TYPES += GRPO_LOSSES + ("rloo",)
 LOSS_TYPES += tuple(n for n in DPO_LOSSES if n != "sft")
 CPO_LOSSES = ("sigmoid", "hinge", "ipo", "simpo")
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
@@ -48,6 +53,12 @@ F_DIVERGENCE_LOSSES |= {"discopop", "sft", "cdpo"}
 REFERENCES = ("auto", "adapters_off", "initial_adapter", "precomputed", "none")
 TRUNCATION_MODES = ("keep_start", "keep_end")
 PROMPT_SHARING = ("auto", "true", "false")
+SCALE_REWARDS = ("group", "batch", "none")
+AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
+RL = ("grpo", "rloo")
+# TRL 1.16's defaults that differ between trainers (GRPOConfig, RLOOConfig, the others').
+BETA = {"grpo": 0.0, "rloo": 0.05}
+NUM_GENERATIONS = {"grpo": 8, "rloo": 2}
 
 
 # The trainers whose TRL 1.16 config declares each option (DPOConfig, ORPOConfig, CPOConfig,
@@ -70,19 +81,52 @@ READ_BY = {
     "alpha": ("cpo",),
     "desirable_weight": ("kto",),
     "undesirable_weight": ("kto",),
-    "reference": ("dpo", "kto"),
+    "reference": ("dpo", "kto") + RL,
+    "identical_pairs": ("dpo", "orpo", "cpo", "kto"),
+    # GRPOConfig and RLOOConfig
+    "num_generations": RL,
+    "max_completion_length": RL,
+    "temperature": RL,
+    "top_p": RL,
+    "top_k": RL,
+    "min_p": RL,
+    "repetition_penalty": RL,
+    "steps_per_generation": RL,
+    "generation_batch_size": RL,
+    "num_iterations": RL,
+    "epsilon": RL,
+    "epsilon_high": RL,
+    "reward_funcs": RL,
+    "reward_weights": RL,
+    "mask_truncated_completions": RL,
+    "log_completions": RL,
+    "num_completions_to_print": RL,
+    "delta": ("grpo",),
+    "scale_rewards": ("grpo",),
+    "importance_sampling_level": ("grpo",),
+    "multi_objective_aggregation": ("grpo",),
+    "top_entropy_quantile": ("grpo",),
+    "use_bias_correction_kl": ("grpo",),
+    "normalize_advantages": ("rloo",),
+    "reward_clip_range": ("rloo",),
 }
 TRAINERS = {
     "dpo": "DPOTrainer",
     "orpo": "ORPOTrainer",
     "cpo": "CPOTrainer",
     "kto": "KTOTrainer",
+    "grpo": "GRPOTrainer",
+    "rloo": "RLOOTrainer",
 }
 # How TRL's other trainers cut a sequence longer than max_length (they have no keep_end).
 CUTS = {
     "orpo": "has no truncation_mode: it keeps the prompt whole and cuts the answer",
     "cpo": "has no truncation_mode: it keeps the prompt whole and cuts the answer",
     "kto": "cuts rows longer than max_seq_length from the right only (keep_start)",
+    "grpo": "cuts nothing: it drops the prompts that leave no room for "
+    "max_completion_length tokens",
+    "rloo": "cuts nothing: it drops the prompts that leave no room for "
+    "max_completion_length tokens",
 }
 
 
@@ -95,6 +139,9 @@ def unread_message(name, value, loss_type, method) -> str:
         why += f"{method.upper()} has no reference model"
     elif name == "truncation_mode":
         why = f"truncation_mode {value}: {trainer} {CUTS[method]}"
+    elif name == "max_completion_length":
+        why = "max_completion_length limits sampled completions (GRPO, RLOO); "
+        why += f"loss_type {losses} reads max_seq_length, a limit on the whole sequence"
     elif name == "rpo_alpha":
         why = "rpo_alpha applies to DPO loss types only; "
         why += f"loss_type {losses} would ignore it"
@@ -167,6 +214,48 @@ def _floats(value, name="loss_weights") -> Tuple[float, ...]:
     return tuple(_number(name, v) for v in value)
 
 
+def _whole(name, value, least) -> int:
+    """An int option's value: a whole number >= ``least`` (text that reads as one from
+    argparse; YAML gives ints)."""
+    if isinstance(value, (bool, float)) or not str(value).strip().lstrip("-").isdigit():
+        raise ConfigError(f"{name} must be a whole number >= {least}, got {value!r}.")
+    number = int(str(value).strip())
+    if number < least:
+        raise ConfigError(f"{name} must be a whole number >= {least}, got {number}.")
+    return number
+
+
+def _specs(value) -> tuple:
+    """reward_funcs: a comma-separated text (the command line), a YAML list of names, or
+    (a script's) the functions themselves."""
+    if isinstance(value, str) or callable(value):
+        value = (
+            [v for v in value.split(",") if v.strip()]
+            if isinstance(value, str)
+            else [value]
+        )
+    if not isinstance(value, (list, tuple)) or not all(
+        isinstance(v, str) or callable(v) for v in value
+    ):
+        raise ConfigError(
+            f"reward_funcs must be names (module:function, file.py:function or a "
+            f"built-in) or functions, got {value!r}."
+        )
+    return tuple(v.strip() if isinstance(v, str) else v for v in value)
+
+
+# The int options (argparse reads them as text; YAML gives ints) and their least values.
+WHOLE = {
+    "num_generations": 2,
+    "max_completion_length": 1,
+    "top_k": 0,
+    "steps_per_generation": 1,
+    "generation_batch_size": 1,
+    "num_iterations": 1,
+    "num_completions_to_print": 0,
+}
+
+
 @dataclass(frozen=True)
 class PreferenceArgs:
     loss_type: Tuple[str, ...] = field(
@@ -178,11 +267,13 @@ class PreferenceArgs:
             "(TRL's KTOTrainer: unpaired rows with a boolean label).",
         },
     )
-    beta: float = field(
-        default=0.1,
+    beta: Optional[float] = field(
+        default=None,
         metadata={
             "help": "DPO and KTO: KL-penalty strength (IPO's tau). ORPO: weight of the "
-            "odds-ratio term. CPO/SimPO: inverse temperature."
+            "odds-ratio term. CPO/SimPO: inverse temperature. GRPO/RLOO: weight of the KL "
+            "to the reference (0: no reference pass). Default: TRL's, 0.1 (0.0 for GRPO, "
+            "0.05 for RLOO)."
         },
     )
     loss_weights: Optional[Tuple[float, ...]] = field(
@@ -342,6 +433,153 @@ class PreferenceArgs:
         },
     )
 
+    # ---- GRPO and RLOO (TRL 1.16's GRPOConfig / RLOOConfig) ----
+    reward_funcs: Optional[Tuple[str, ...]] = field(
+        default=None,
+        metadata={
+            "help": "GRPO/RLOO: the reward functions, comma-separated: module.path:function, "
+            "file.py:function, or a built-in (think_format_reward, "
+            "soft_overlong_punishment, repetition_penalty_reward, accuracy_reward). Each "
+            "is called as TRL's: f(prompts=, completions=, completion_ids=, **columns) -> "
+            "one float (or None) per completion."
+        },
+    )
+    reward_weights: Optional[Tuple[float, ...]] = field(
+        default=None,
+        metadata={"help": "Weights of the reward functions, comma-separated (1 each)."},
+    )
+    num_generations: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Completions sampled per prompt (a group), at least 2. Default: 8 for "
+            "GRPO, 2 for RLOO (TRL's)."
+        },
+    )
+    max_completion_length: Optional[int] = field(
+        default=None,
+        metadata={"help": "Most tokens sampled per completion. Default: 512 (TRL's)."},
+    )
+    temperature: float = field(
+        default=1.0,
+        metadata={
+            "help": "Sampling temperature, > 0; the log-probs of the loss are taken at it "
+            "too, as TRL's."
+        },
+    )
+    top_p: float = field(
+        default=1.0, metadata={"help": "Nucleus sampling: in (0, 1], 1 keeps all."}
+    )
+    top_k: int = field(
+        default=0, metadata={"help": "Sample among the k likeliest tokens (0: all)."}
+    )
+    min_p: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Drop tokens below min_p times the likeliest one's probability."
+        },
+    )
+    repetition_penalty: float = field(
+        default=1.0,
+        metadata={"help": "mlx-lm's repetition penalty while sampling (1: none)."},
+    )
+    steps_per_generation: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Batches trained per generation: the generation batch is batch_size x "
+            "this many completions. Default: grad_accumulation_steps."
+        },
+    )
+    generation_batch_size: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Completions sampled at once (a multiple of batch_size); the other way "
+            "to set steps_per_generation."
+        },
+    )
+    num_iterations: int = field(
+        default=1,
+        metadata={
+            "help": "mu: times each generation batch is trained on (its log-probs at "
+            "sampling time are the importance ratio's denominator)."
+        },
+    )
+    epsilon: float = field(
+        default=0.2, metadata={"help": "Lower clipping bound of the importance ratio."}
+    )
+    epsilon_high: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Upper clipping bound (DAPO's clip-higher); cispo's ratio cap. Default: "
+            "epsilon."
+        },
+    )
+    delta: Optional[float] = field(
+        default=None,
+        metadata={"help": "GRPO: two-sided clipping, the ratio capped at delta."},
+    )
+    scale_rewards: str = field(
+        default="group",
+        metadata={
+            "help": "GRPO: divide advantages by the reward std of the group, of the batch, "
+            "or not at all (Dr. GRPO).",
+            "choices": SCALE_REWARDS,
+        },
+    )
+    multi_objective_aggregation: str = field(
+        default="sum_then_normalize",
+        metadata={
+            "help": "GRPO: weighted sum of the rewards then group-normalised, or each "
+            "reward group-normalised first (GDPO).",
+            "choices": AGGREGATIONS,
+        },
+    )
+    importance_sampling_level: str = field(
+        default="token",
+        metadata={
+            "help": "GRPO: importance ratio per token, or per sequence (GSPO).",
+            "choices": ("token", "sequence"),
+        },
+    )
+    mask_truncated_completions: bool = field(
+        default=False,
+        metadata={
+            "help": "Leave completions cut at max_completion_length out of the loss."
+        },
+    )
+    top_entropy_quantile: float = field(
+        default=1.0,
+        metadata={
+            "help": "GRPO: train only on the tokens in this top quantile of entropy "
+            "(1: every token)."
+        },
+    )
+    use_bias_correction_kl: bool = field(
+        default=True,
+        metadata={
+            "help": "GRPO: weight the KL term's tokens by the importance ratio (TRL's "
+            "default); false: the plain k3 estimate."
+        },
+    )
+    normalize_advantages: bool = field(
+        default=False,
+        metadata={"help": "RLOO: normalise advantages over the generation batch."},
+    )
+    reward_clip_range: Optional[Tuple[float, ...]] = field(
+        default=None,
+        metadata={"help": "RLOO: clip rewards to min,max before the baseline."},
+    )
+    log_completions: bool = field(
+        default=False,
+        metadata={
+            "help": "Print sampled prompts, completions and rewards at each report, and "
+            "write them all to completions.jsonl beside metrics.jsonl."
+        },
+    )
+    num_completions_to_print: Optional[int] = field(
+        default=None,
+        metadata={"help": "How many of them log_completions prints (default: all)."},
+    )
+
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
         set_("loss_type", _names(self.loss_type))
@@ -350,6 +588,16 @@ class PreferenceArgs:
             set_("prompt_sharing", str(self.prompt_sharing).lower())
         if self.loss_weights is not None:
             set_("loss_weights", _floats(self.loss_weights))
+        for name in ("reward_weights", "reward_clip_range"):
+            if getattr(self, name) is not None:
+                set_(name, _floats(getattr(self, name), name))
+        if self.reward_funcs is not None:
+            set_("reward_funcs", _specs(self.reward_funcs))
+        if isinstance(self.scale_rewards, bool):  # TRL's True / False
+            set_("scale_rewards", "group" if self.scale_rewards else "none")
+        for name, least in WHOLE.items():
+            if getattr(self, name) is not None:
+                set_(name, _whole(name, getattr(self, name), least))
         for f in fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
@@ -372,6 +620,14 @@ class PreferenceArgs:
             names = ("cpo",)
         set_("loss_type", names)
         self._refuse_unread(typed)
+        method = self.method
+        if self.beta is None:
+            set_("beta", BETA.get(method, 0.1))
+        if method in RL:
+            if self.num_generations is None:
+                set_("num_generations", NUM_GENERATIONS[method])
+            if self.max_completion_length is None:
+                set_("max_completion_length", 512)
         if self.rpo_alpha is not None and self.method == "dpo":
             weights = self.loss_weights or (1.0,) * len(names)
             set_("loss_type", names + ("sft",))
@@ -393,9 +649,14 @@ class PreferenceArgs:
 
     def _validate(self):
         names, method = self.loss_type, self.method
-        if method in ("orpo", "cpo", "kto") and len(names) > 1:
+        if method in ("orpo", "cpo", "kto") + RL and len(names) > 1:
             raise ConfigError(
                 f"loss_type {names[0]} cannot be combined with {list(names[1:])}."
+            )
+        if set(names) & set(GRPO_LOSSES + ("rloo",)) and method not in RL:
+            raise ConfigError(
+                f"loss_type {'/'.join(GRPO_LOSSES + ('rloo',))} trains on sampled "
+                f"completions and cannot follow other loss types ({list(names)})."
             )
         if set(names) & set(KTO_LOSSES) and method != "kto":
             raise ConfigError(
@@ -403,7 +664,9 @@ class PreferenceArgs:
                 f"follow other loss types ({list(names)})."
             )
         self._validate_kto()
-        if not self.beta > 0:
+        if method in RL:
+            self._validate_rl()
+        elif not self.beta > 0:
             raise ConfigError(f"beta must be > 0, got {self.beta}.")
         if self.loss_weights is not None and len(self.loss_weights) != len(names):
             raise ConfigError(
@@ -455,16 +718,83 @@ class PreferenceArgs:
                 "initial_adapter, precomputed)."
             )
 
+    def _validate_rl(self):
+        """GRPO's and RLOO's options, as TRL's configs and trainers check them."""
+        names = self.loss_type
+        if len(names) > 1:
+            raise ConfigError(
+                f"loss_type {names[0]} cannot be combined with {list(names[1:])}."
+            )
+        if not self.reward_funcs:
+            raise ConfigError(
+                f"loss_type {names[0]} learns from rewards: give --reward-funcs (YAML: "
+                "reward_funcs), e.g. my_rewards.py:brevity or think_format_reward."
+            )
+        if self.reward_weights is not None and len(self.reward_weights) != len(
+            self.reward_funcs
+        ):
+            raise ConfigError(
+                f"reward_weights has {len(self.reward_weights)} values for "
+                f"{len(self.reward_funcs)} reward functions: give one weight each."
+            )
+        if self.steps_per_generation and self.generation_batch_size:
+            raise ConfigError(
+                "steps_per_generation and generation_batch_size set the same thing: "
+                "give one of them."
+            )
+        checks = (
+            ("beta", self.beta >= 0, ">= 0"),
+            ("temperature", self.temperature > 0, "> 0"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+            ("min_p", self.min_p is None or 0 <= self.min_p <= 1, "in [0, 1]"),
+            ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
+            ("epsilon", self.epsilon >= 0, ">= 0"),
+            ("epsilon_high", (self.epsilon_high or 0) >= 0, ">= 0"),
+            ("delta", self.delta is None or self.delta > 1, "> 1"),
+            ("top_entropy_quantile", 0 < self.top_entropy_quantile <= 1, "in (0, 1]"),
+        )
+        for name, ok, want in checks:
+            if not ok:
+                raise ConfigError(f"{name} must be {want}, got {getattr(self, name)}.")
+        clip = self.reward_clip_range
+        if clip is not None and (len(clip) != 2 or clip[0] > clip[1]):
+            raise ConfigError(
+                f"reward_clip_range must be min,max with min <= max, got {list(clip)}."
+            )
+        if self.reference not in ("auto", "adapters_off", "initial_adapter"):
+            raise ConfigError(
+                f"reference {self.reference} with loss_type {names[0]}: completions are "
+                "sampled while training, so the reference scores them live. Use "
+                "reference auto, adapters_off or initial_adapter."
+            )
+        if self.beta == 0 and self.reference != "auto":
+            raise ConfigError(
+                f"reference {self.reference} with beta 0: beta 0 has no KL term and no "
+                "reference pass. Set beta > 0, or remove reference."
+            )
+
     @property
     def method(self) -> str:
-        """'sft' (mlx-lm's own), 'dpo', 'orpo', 'cpo' or 'kto'."""
+        """'sft' (mlx-lm's own), 'dpo', 'orpo', 'cpo', 'kto', 'grpo' or 'rloo'."""
         if self.loss_type == ("sft",):
             return "sft"
-        if self.loss_type[0] in ("orpo", "cpo"):
+        if self.loss_type[0] in ("orpo", "cpo", "rloo"):
             return self.loss_type[0]
         if self.loss_type[0] in KTO_LOSSES:
             return "kto"
+        if self.loss_type[0] in GRPO_LOSSES:
+            return "grpo"
         return "dpo"
+
+    @property
+    def generates(self) -> bool:
+        """GRPO and RLOO: trained on completions sampled from the model."""
+        return self.method in RL
+
+    @property
+    def clip_high(self) -> float:
+        """TRL's epsilon_high: epsilon unless set."""
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
 
     @property
     def kl_term(self) -> bool:
@@ -477,7 +807,8 @@ class PreferenceArgs:
 
     @property
     def needs_reference(self) -> bool:
-        return self.method in ("dpo", "kto")
+        """DPO and KTO; GRPO and RLOO with a KL term (beta > 0)."""
+        return self.method in ("dpo", "kto") or (self.generates and self.beta > 0)
 
     @property
     def weights(self) -> Tuple[float, ...]:
@@ -532,8 +863,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             default = ",".join(map(str, default))
         flag = "--" + f.name.replace("_", "-")
         help = f"{f.metadata['help']} Default: {default}."
-        if f.type is bool:
-            group.add_argument(flag, action="store_true", default=None, help=help)
+        if f.type is bool:  # a flag; --no-... for one that is on by default
+            action = argparse.BooleanOptionalAction if default else "store_true"
+            group.add_argument(flag, action=action, default=None, help=help)
             continue
         group.add_argument(
             flag,
@@ -571,10 +903,6 @@ TRL_NAMES = {
         "max_seq_length",
         note="a limit on the whole sequence; TRL 1.x dropped max_prompt_length, and "
         "prompts are not cut on their own",
-    ),
-    "max_completion_length": Instead(
-        "max_seq_length",
-        note="a limit on the whole sequence; completions are not cut on their own",
     ),
     "per_device_train_batch_size": Instead(
         "batch_size", note="the batch of all processes together"
@@ -632,7 +960,73 @@ TRL_NAMES = {
         None, note="generate with mlx_lm.generate --adapter-path after training"
     ),
     "is_encoder_decoder": Instead(None, note="mlx-lm trains decoder-only models"),
+    # GRPOConfig's and RLOOConfig's
+    "num_generations_eval": Instead(
+        "num_generations", note="evaluation samples as many completions as training"
+    ),
+    "chat_template_kwargs": Instead(
+        None, note="give it per row: a chat_template_kwargs field of each row"
+    ),
+    "shuffle_dataset": Instead(
+        None, note="prompts come in a new random order every epoch, TRL's default"
+    ),
+    "cast_lm_head_to_fp32": Instead(
+        None, note="log-probs are taken in float32 (the output layer in tiles)"
+    ),
+    "off_policy_mask_threshold": Instead(
+        None, note="completions are sampled by the model being trained"
+    ),
+    "max_tool_calling_iterations": Instead(None, note="no tool calling"),
+    "log_completions_hub_repo": Instead(
+        "log_completions", note="written to completions.jsonl"
+    ),
+    "log_unique_prompts": Instead("log_completions", note="every sample is written"),
+    "log_multimodal": Instead(None, note="mlx-lm trains on text"),
 }
+SAMPLED_BY_MLX_LM = "completions are sampled with mlx-lm's own generation and KV cache"
+for _name in (
+    "use_vllm",
+    "use_transformers_paged",
+    "use_transformers_continuous_batching",
+    "transformers_continuous_batching_config",
+    "cache_implementation",
+    "generation_kwargs",
+    "ds3_gather_for_generation",
+    "vllm_mode",
+    "vllm_model_impl",
+    "vllm_server_base_url",
+    "vllm_server_host",
+    "vllm_server_port",
+    "vllm_server_timeout",
+    "vllm_group_port",
+    "vllm_gpu_memory_utilization",
+    "vllm_tensor_parallel_size",
+    "vllm_max_model_length",
+    "vllm_enable_sleep_mode",
+    "vllm_structured_outputs_regex",
+    "vllm_importance_sampling_correction",
+    "vllm_importance_sampling_mode",
+    "vllm_importance_sampling_cap",
+    "vllm_importance_sampling_clip_min",
+    "vllm_importance_sampling_clip_max",
+):
+    TRL_NAMES[_name] = Instead(None, note=SAMPLED_BY_MLX_LM)
+for _name in (
+    "entropy_coef",
+    "entropy_coef_min",
+    "entropy_coef_max",
+    "entropy_coef_delta",
+    "entropy_target",
+    "use_adaptive_entropy",
+):
+    TRL_NAMES[_name] = Instead(
+        None,
+        note="no entropy bonus; top_entropy_quantile trains on high-entropy tokens",
+    )
+for _name in ("sapo_temperature_neg", "sapo_temperature_pos"):
+    TRL_NAMES[_name] = Instead(None, note="loss_type sapo is not supported")
+for _name in ("vespo_k_neg", "vespo_k_pos", "vespo_lambda_neg", "vespo_lambda_pos"):
+    TRL_NAMES[_name] = Instead(None, note="loss_type vespo is not supported")
 # mlx-lm options that have no command-line flag.
 YAML_ONLY = {"hf_dataset", "lr_schedule", "lora_parameters", "optimizer_config"}
 

@@ -47,6 +47,7 @@ from .config import (
 )
 from .console import log
 from .data import DataError, is_preference_row
+from .rewards import RewardError, check_reward_funcs
 from .sharing import CHECKPOINTING
 
 FEATURES = {f"{n}_feature" for n in ("prompt", "completion", "chat", "text")}
@@ -372,6 +373,8 @@ def check_batch_size(options, ns):
             f"--batch-size {ns.batch_size} with {ranks} processes: the batch is split "
             f"across them, so it must divide by {ranks}."
         )
+    if options.generates:
+        check_generation(options, ns, ranks)
     if options.kl_term and ns.batch_size < 2:
         raise ConfigError(
             "loss_type kto estimates its KL term from each row's prompt with another "
@@ -386,6 +389,47 @@ def check_batch_size(options, ns):
             f"batch_size {ns.batch_size} gives {pairs_per_rank} pair per rank. Use "
             "--batch-size 2 or more per rank."
         )
+
+
+def steps_per_generation(options, ns) -> int:
+    """TRL's steps_per_generation: given, or from generation_batch_size, or mlx-lm's
+    grad_accumulation_steps."""
+    if options.generation_batch_size:
+        return options.generation_batch_size // ns.batch_size
+    return options.steps_per_generation or getattr(ns, "grad_accumulation_steps", 1)
+
+
+def check_generation(options, ns, ranks):
+    """GRPO's and RLOO's batches: whole groups of completions on every rank, and reward
+    functions that load (TRL's GRPOConfig checks, before the model loads)."""
+    G, losses = options.num_generations, options.loss_type[0]
+    size = options.generation_batch_size
+    if size and size % ns.batch_size:
+        raise ConfigError(
+            f"generation_batch_size {size} must be a multiple of --batch-size "
+            f"{ns.batch_size} (each generation batch is cut into batches)."
+        )
+    completions = ns.batch_size * steps_per_generation(options, ns)
+    if completions % (G * ranks):
+        ranks_text = f" x {ranks} processes" if ranks > 1 else ""
+        raise ConfigError(
+            f"loss_type {losses}: a generation batch of {completions} completions "
+            f"(batch_size {ns.batch_size} x steps_per_generation "
+            f"{completions // ns.batch_size}) does not hold whole groups of "
+            f"num_generations {G}{ranks_text}: make batch_size x steps_per_generation a "
+            f"multiple of {G * ranks} (e.g. --batch-size {G * ranks}), or change "
+            "--num-generations."
+        )
+    if ns.fine_tune_type == "full" and options.beta > 0:
+        raise ConfigError(
+            f"--loss-type {losses} with beta {options.beta:g} and --fine-tune-type full: "
+            "the KL term's reference is the model with its LoRA adapters off, and full "
+            "fine-tuning has none. Use --beta 0 (TRL's GRPO default) or LoRA."
+        )
+    try:
+        check_reward_funcs(options.reward_funcs, options)
+    except RewardError as e:
+        raise ConfigError(str(e)) from None
 
 
 # ---- the data, with the tokenizer alone ----
@@ -409,16 +453,28 @@ def load_datasets(ns) -> tuple:
         raise ConfigError(f"--model {ns.model}: cannot load it ({e}).") from None
     splits = mlx_lm.lora.load_dataset(ns, tokenizer)
     if ns.train:
-        check_train_size(splits[0], ns.batch_size)
+        check_train_size(splits[0], ns.batch_size, ns)
     check_num_layers(ns, config)
     return splits
 
 
-def check_train_size(train, batch_size):
+def check_train_size(train, batch_size, ns=None):
     """A training batch is ``batch_size`` pairs (KTO: rows) of the training set, after the
-    pairs dropped for max_seq_length and identical_pairs: drop. (Validation and --test keep
-    a last smaller batch: any size evaluates.)"""
+    pairs dropped for max_seq_length and identical_pairs: drop; GRPO's and RLOO's
+    generation batch needs ``batch_size x steps_per_generation / num_generations``
+    prompts. (Validation and --test keep a last smaller batch: any size evaluates.)"""
     dataset = preference_dataset_of(train)
+    if dataset is not None and dataset.options.generates:
+        o = dataset.options
+        needed = batch_size * steps_per_generation(o, ns) // o.num_generations
+        if len(dataset) < needed:
+            raise DataError(
+                f"{dataset.source}: {len(dataset)} prompts to train on, fewer than the "
+                f"{needed} of a generation batch (batch_size {batch_size} x "
+                f"steps_per_generation / num_generations {o.num_generations}): add "
+                "prompts or lower --batch-size."
+            )
+        return
     if dataset is None or len(dataset) >= batch_size:
         return
     dropped = []

@@ -31,6 +31,9 @@ COMPACT = (
     "rewards/margins",
     "nll_loss",
     "log_odds_ratio",
+    "reward",
+    "reward_std",
+    "completions/mean_length",
 )
 
 
@@ -122,6 +125,30 @@ def print_metrics(split: str, metrics: dict, names=None):
         print(f"        {split:<5} {format_metrics(metrics, names)}", flush=True)
 
 
+def print_samples(samples: list):
+    """``log_completions``: the last generation's prompts, completions and rewards."""
+    if not is_main_rank():
+        return
+    for sample in samples:
+        scores = "  ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in sample.items()
+            if k.startswith("rewards/") or k == "advantage"
+        )
+        print(
+            f"        sample {_short(sample['prompt'])!r} -> "
+            f"{_short(sample['completion'])!r}  {scores}",
+            flush=True,
+        )
+
+
+def _short(value, limit=80) -> str:
+    if isinstance(value, list):  # messages: the last one's content
+        value = value[-1]["content"] if value else ""
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class PreferenceReporter(TrainingCallback):
     """Training reports average the metrics of the steps since the last report, which the
     run's guard keeps on device as the steps finish (``safety.RunGuard``): one reduction
@@ -138,6 +165,8 @@ class PreferenceReporter(TrainingCallback):
         # mlx-lm's own count of the tokens trained on (every method; TRL's ORPO has no
         # num_tokens): the summary's
         self.upstream_tokens = 0
+        # log_completions: a function returning the samples a training report prints
+        self.samples = None
 
     def tokens_so_far(self) -> int:
         """TRL's ``num_tokens`` now: every token trained on, the steps since the last
@@ -163,6 +192,8 @@ class PreferenceReporter(TrainingCallback):
         metrics = self._train_metrics()
         self.upstream_tokens = train_info.get("trained_tokens", self.upstream_tokens)
         self.record("train", train_info["iteration"], metrics)
+        if self.samples is not None:
+            print_samples(self.samples())
         if self.inner is not None:
             self.inner.on_train_loss_report({**train_info, **metrics})
 

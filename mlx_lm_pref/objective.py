@@ -21,15 +21,15 @@ metrics directly, for evaluation.
 """
 
 from dataclasses import dataclass
-from functools import partial
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import mlx.core as mx
 
+from . import grpo
 from .batching import PreferenceBatch
 from .config import PreferenceArgs
-from .head import Head, head_for, hidden_states, tiled_token_stats, vocab_mean
-from .logps import TokenStats, logits_token_stats, sequence_logps, span_mask
+from .forward import Forward, run_model
+from .logps import TokenStats, sequence_logps, span_mask
 from .losses import (
     DPOTerms,
     alphapo_rewards,
@@ -42,7 +42,6 @@ from .losses import (
 )
 from .metrics import pack_metrics
 from .reference import InitialAdapter, reference_context
-from .sharing import shared_forward
 
 # The metrics channel out of the compiled step (see the module docstring).
 METRICS_ATTRIBUTE = "_pref_metrics"
@@ -71,73 +70,9 @@ METRICS = {
 
 
 def metric_names(options: PreferenceArgs) -> tuple:
+    if options.generates:  # the loss's, then the sampling's (rewards by function)
+        return grpo.metric_names(options)
     return METRICS[options.method]
-
-
-class Forward(NamedTuple):
-    """One forward pass over a preference batch, in either layout (see ``batching``).
-
-    ``rows`` cover the rows the spans count in (whole rows, or in the shared layout the
-    continuations) with ``targets`` (2B, T): the hidden states (2B, T, H) when ``head`` is
-    set (the output layer then runs in tiles, ``head``), else the logits (2B, T, V). The
-    shared layout adds each pair's prompt once: ``prompt`` (B, Tp, H or V),
-    ``prompt_targets`` (B, Tp) and ``prompt_lengths`` (B,) real positions; the
-    concatenated layout leaves them None.
-    """
-
-    rows: mx.array
-    targets: mx.array
-    head: Optional[Head] = None
-    tile: Optional[int] = None
-    prompt: Optional[mx.array] = None
-    prompt_targets: Optional[mx.array] = None
-    prompt_lengths: Optional[mx.array] = None
-
-    def _stats(self, x, targets, want, grad, after=None) -> TokenStats:
-        if self.head is None:
-            return logits_token_stats(x, targets, want, grad)
-        return tiled_token_stats(x, targets, self.head, want, grad, self.tile, after)
-
-    def stats(self, want=frozenset(), grad=True, after=None) -> TokenStats:
-        """The rows' ``TokenStats`` (2B, T); with tiles, computed ``after`` those arrays."""
-        return self._stats(self.rows, self.targets, want, grad, after)
-
-    def prompt_stats(self, want=frozenset(), grad=True) -> Optional[TokenStats]:
-        """The shared prompt's ``TokenStats`` (B, Tp), None in the concatenated layout."""
-        if self.prompt is None:
-            return None
-        return self._stats(self.prompt, self.prompt_targets, want, grad)
-
-    def prompt_vocab_mean(self) -> Optional[mx.array]:
-        """The shared prompt's vocab-mean logits (B, Tp), without a gradient; None in the
-        concatenated layout. With tiles, h . mean(W): no tile at all."""
-        if self.prompt is None:
-            return None
-        if self.head is None:
-            return mx.stop_gradient(self.prompt).astype(mx.float32).mean(axis=-1)
-        return vocab_mean(mx.stop_gradient(self.prompt), self.head)
-
-    def prompt_mask(self):
-        """(B, Tp) bool, the real prompt positions; their targets are the tokens 1..P that
-        chosen and rejected rows share."""
-        columns = mx.arange(self.prompt_targets.shape[1])[None]
-        return columns < self.prompt_lengths[:, None]
-
-
-def run_model(model, batch: PreferenceBatch, options: PreferenceArgs) -> Forward:
-    """The forward pass of ``batch``; with ``options.head_chunk_size`` resolved to tiles,
-    up to the hidden states (the objectives run the output layer)."""
-    head, tile = head_for(model, options.head_chunk_size)
-    body = model if head is None else partial(hidden_states, model)
-    if not batch.shared:
-        return Forward(body(batch.tokens[:, :-1]), batch.tokens[:, 1:], head, tile)
-    prompts, lengths, rows = batch.tokens
-    prompt, continuations = shared_forward(
-        body, model.layers, prompts[:, :-1], lengths, rows[:, :-1]
-    )
-    return Forward(
-        continuations, rows[:, 1:], head, tile, prompt, prompts[:, 1:], lengths
-    )
 
 
 def _sum_count(values, mask, prompt=None):
@@ -461,6 +396,8 @@ OBJECTIVES = {
     "orpo": orpo_objective,
     "cpo": cpo_objective,
     "kto": kto_objective,
+    "grpo": grpo.rl_objective,
+    "rloo": grpo.rl_objective,
 }
 
 

@@ -38,6 +38,7 @@ class PreferenceRun:
     loss: Optional[object] = None  # objective.PreferenceLoss
     guard: Optional[object] = None  # safety.RunGuard
     reporter: Optional[object] = None  # metrics.PreferenceReporter
+    rollouts: Optional[object] = None  # rollout.Rollouts: GRPO's and RLOO's batches
     # What it trains with, in words (method, reference, layout), for the end-of-run summary.
     description: str = ""
     train_seconds: Optional[float] = None  # train()'s wall time, validation included

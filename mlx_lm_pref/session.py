@@ -25,11 +25,14 @@ from .batching import (
 from .console import is_main_rank, log
 from .data import label_balance
 from .evaluation import evaluate_preference
+from .grpo import reward_functions
 from .head import head_for, resolve_head_chunks
 from .metrics import METRICS_FILE, PreferenceReporter, shown_metrics
 from .objective import PreferenceLoss, metric_names
 from .precompute import model_fingerprint, precompute_reference
 from .reference import InitialAdapter, check_reference, resolve_reference
+from .rewards import RewardError
+from .rollout import COMPLETIONS_FILE, Rollouts
 from .run import PreferenceRun, current_run, running
 from .safety import RunGuard
 from .sharing import resolve_prompt_sharing
@@ -78,7 +81,9 @@ def training(a: dict, defaults: set):
             a[name] = run.scored_version(a[name])
         if own or "loss" in defaults:
             a["loss"] = run.loss
-        if "iterate_batches" in defaults:
+        if "iterate_batches" in defaults and run.rollouts is not None:
+            a["iterate_batches"] = run.rollouts
+        elif "iterate_batches" in defaults:
             a["iterate_batches"] = partial(
                 iterate_preference_batches, prompt_sharing=run.options.prompt_sharing
             )
@@ -94,6 +99,10 @@ def training(a: dict, defaults: set):
                 f"Interrupted after iteration {run.guard.iteration}. {run.guard.on_disk()}"
             )
             raise
+        except (
+            RewardError
+        ) as e:  # the user's function: what it did, and what is on disk
+            raise RewardError(f"{e} {run.guard.on_disk()}") from None
         finally:
             run.train_seconds = time.perf_counter() - tic
             stop_watching()
@@ -143,6 +152,19 @@ def start_training(run: PreferenceRun, a: dict) -> None:
         shown=shown_metrics(options),
     )
     run.description = _description(options, layout)
+    if options.generates:
+        run.rollouts = Rollouts(
+            model,
+            options,
+            reward_functions(options),
+            getattr(training_args, "grad_accumulation_steps", 1),
+            initial,
+            metrics_path.parent / COMPLETIONS_FILE if options.log_completions else None,
+        )
+        if is_main_rank():
+            (metrics_path.parent / COMPLETIONS_FILE).unlink(missing_ok=True)
+        if options.log_completions:
+            run.reporter.samples = partial(_samples, run.rollouts, options)
 
 
 def _announce_head(model, options) -> str:
@@ -174,10 +196,17 @@ def _precompute(model, datasets, options, training_args) -> list:
     return scored
 
 
+def _samples(rollouts, options) -> list:
+    """The last generation's samples a report prints (``num_completions_to_print``)."""
+    return rollouts.samples[: options.num_completions_to_print]
+
+
 def _description(options, layout) -> str:
     """What the run trains with, in words, for the end-of-run summary."""
     losses = ", ".join(options.loss_type)
     text = f"{options.method} ({losses}, beta {options.beta:g})"
+    if options.generates:
+        text += f", {options.num_generations} completions per prompt"
     if options.method == "kto":
         text += f", weights {options.desirable_weight:g}/{options.undesirable_weight:g}"
     if options.needs_reference:
@@ -190,6 +219,14 @@ def _checked_for(model, options):
     return resolve_head_chunks(model, resolve_prompt_sharing(model, options))
 
 
+def _rollouts_for(run, model, options):
+    """The training run's rollouts, or (a script's evaluation, ``--test`` alone) new ones
+    for ``model``."""
+    if run is not None and run.rollouts is not None:
+        return run.rollouts
+    return Rollouts(model, options, reward_functions(options))
+
+
 def evaluation(a: dict, defaults: set, upstream):
     """mlx-lm's ``evaluate()`` of preference data, for its arguments ``a`` (bound by name);
     ``upstream()`` runs mlx-lm's own with ``a`` (a caller's own loss)."""
@@ -199,8 +236,10 @@ def evaluation(a: dict, defaults: set, upstream):
     pairs = preference_dataset_of(a["dataset"])
     batches = a["iterate_batches"]
     batches = getattr(batches, "unwatched", batches)
-    default_batches = "iterate_batches" in defaults or (
-        getattr(batches, "func", None) is iterate_preference_batches
+    default_batches = (
+        "iterate_batches" in defaults
+        or getattr(batches, "func", None) is iterate_preference_batches
+        or isinstance(batches, Rollouts)
     )
     if "loss" in defaults:
         if run is not None and run.loss is not None:  # validation, or --test after it
@@ -216,7 +255,9 @@ def evaluation(a: dict, defaults: set, upstream):
         if default_batches:
             a["iterate_batches"] = iterate_eval_batches
         return upstream()
-    if default_batches:  # TRL's evaluation order, in the run's layout
+    if default_batches and pairs.options.generates:  # sampled, then scored
+        batches = _rollouts_for(run, a["model"], loss.options)
+    elif default_batches:  # TRL's evaluation order, in the run's layout
         batches = partial(
             iterate_eval_batches, prompt_sharing=loss.options.prompt_sharing
         )

@@ -38,21 +38,28 @@ class PromptCache:
     rejected ones, to its own (2B, heads, C, D), and masks each row's prompt padding.
     """
 
-    def __init__(self, prompt_lengths: mx.array):
-        self.lengths = prompt_lengths  # (B,) real prompt positions per pair
+    def __init__(self, prompt_lengths: mx.array, index=None):
+        self.lengths = prompt_lengths  # (B,) real prompt positions per prompt row
+        # Which prompt row each continuation reads: a pair's chosen and rejected rows
+        # (0..B-1 twice), or a GRPO group's G completions.
+        self.index = index
         self.offset = 0
         self.keys = self.values = None
+
+    def _rows(self, x):
+        if self.index is None:
+            return mx.concatenate([x, x])
+        return x[self.index]
 
     def update_and_fetch(self, keys, values):
         if self.keys is None:
             self.keys, self.values = keys, values
-            # Continuation j of a pair sits at position P + j, as in the whole row.
-            self.offset = mx.concatenate([self.lengths, self.lengths])
+            # Continuation j of a row sits at position P + j, as in the whole row.
+            self.offset = self._rows(self.lengths)
             return keys, values
-        both = lambda x: mx.concatenate([x, x])  # noqa: E731
         return (
-            mx.concatenate([both(self.keys), keys], axis=2),
-            mx.concatenate([both(self.values), values], axis=2),
+            mx.concatenate([self._rows(self.keys), keys], axis=2),
+            mx.concatenate([self._rows(self.values), values], axis=2),
         )
 
     def make_mask(self, N, return_array=False, window_size=None):
@@ -78,7 +85,7 @@ class PromptCache:
         return valid[:, None]  # (2B, 1, N, P + N)
 
 
-def shared_forward(forward, layers, prompts, prompt_lengths, continuations):
+def shared_forward(forward, layers, prompts, prompt_lengths, continuations, index=None):
     """Outputs of ``forward(inputs, cache=cache)`` (the model, or its hidden states) for a pair
     batch in the shared layout.
 
@@ -88,7 +95,9 @@ def shared_forward(forward, layers, prompts, prompt_lengths, continuations):
         prompts: (B, P) int, each pair's shared input tokens, right-padded.
         prompt_lengths: (B,) int, the real length of each prompt row.
         continuations: (2B, C) int, chosen rows then rejected rows: the tokens that follow
-            the pair's shared inputs, right-padded.
+            the pair's shared inputs, right-padded; or (N, C) rows of ``index``'s prompts.
+        index: None for pairs; else (N,) int, the prompt row of each continuation (a GRPO
+            group's completions share one prompt row).
 
     Returns:
         ``(prompt outputs (B, P, ...), outputs (2B, C, ...))``: what the concatenated
@@ -96,7 +105,7 @@ def shared_forward(forward, layers, prompts, prompt_lengths, continuations):
         nothing: the graph is lazy, so the output layer never runs on the prompt unless they
         are read.
     """
-    cache = [PromptCache(prompt_lengths) for _ in layers]
+    cache = [PromptCache(prompt_lengths, index) for _ in layers]
     prompt_outputs = forward(prompts, cache=cache)
     return prompt_outputs, forward(continuations, cache=cache)
 

@@ -19,6 +19,7 @@ from mlx_lm.tuner.datasets import ConcatenatedDataset
 
 from mlx_lm_pref.config import PreferenceArgs
 from mlx_lm_pref.data import DataError, PreferenceDataset, is_preference_row, read_jsonl
+from mlx_lm_pref.prompts import PromptDataset
 
 from . import function_wrapper
 
@@ -46,7 +47,8 @@ def _source(config, data=None) -> str:
 
 
 def _build(rows, tokenizer, config, options, source, lines=None):
-    return PreferenceDataset(
+    dataset = PromptDataset if options.generates else PreferenceDataset
+    return dataset(
         rows,
         tokenizer,
         options,
@@ -120,7 +122,7 @@ def _one_dataset(split):
         return []
     if not all(isinstance(p, PreferenceDataset) for p in parts):
         return split
-    return PreferenceDataset.concatenate(parts)
+    return type(parts[0]).concatenate(parts)
 
 
 PATCHES = [

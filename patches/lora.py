@@ -33,6 +33,7 @@ from mlx_lm_pref.metrics import (
     shown_metrics,
     summary_lines,
 )
+from mlx_lm_pref.rewards import RewardError
 from mlx_lm_pref.run import PreferenceRun, current_run, running
 from mlx_lm_pref.safety import NonFiniteError
 
@@ -46,7 +47,7 @@ def main(wrapped, instance, args, kwargs):
     try:
         with gate.command_line(sys.argv[1:]):
             return wrapped(*args, **kwargs)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, RewardError) as e:
         print(f"mlx_lm_pref: error: {e}", file=sys.stderr)
         sys.exit(2)
     except NonFiniteError as e:

@@ -26,6 +26,10 @@ def test_held_out_prompts_are_never_trained_on(tmp_path):
     pair_prompts = {row["prompt"][0]["content"] for row in pairs}
     assert held and sft_prompts and pair_prompts
     assert not held & sft_prompts and not held & pair_prompts
+    # GRPO's and RLOO's prompt-only rows are the pairs' prompts, in the same format.
+    data = task.write_prompt_data(tmp_path / "prompts")
+    rows = read_jsonl(data / "train.jsonl") + read_jsonl(data / "valid.jsonl")
+    assert rows == [{"prompt": row["prompt"]} for row in pairs]
 
 
 def test_held_out_prompts_keep_templates_balanced():
@@ -46,6 +50,29 @@ def test_judge():
     assert not task.judge(
         p, "Of course! Get the red key yourself."
     )  # polite, then rude
+
+
+def test_judge_reward_is_the_judge_as_trl_calls_a_reward_function():
+    prompts = task.held_out_prompts(2)
+    answers = [
+        "Of course! Here is the {x}.", "Ugh. Get the {x} yourself.",
+        "Of course! Here is the red drum.", "Sure, here is the {x}. Enjoy!",
+    ]  # fmt: skip
+    texts = [answers[i % len(answers)].format(x=p.obj) for i, p in enumerate(prompts)]
+    expected = [float(task.judge(p, t)) for p, t in zip(prompts, texts)]
+    assert 0.0 in expected and 1.0 in expected
+    ids = [[1, 2, 3]] * len(prompts)
+    # Conversational (the demo's data), then standard; TRL adds keywords of its own.
+    rewards = task.judge_reward(
+        prompts=[p.messages() for p in prompts],
+        completions=[[{"role": "assistant", "content": t}] for t in texts],
+        completion_ids=ids,
+        trainer_state=None,
+    )
+    assert rewards == expected and all(type(r) is float for r in rewards)
+    assert task.judge_reward([p.text for p in prompts], texts, ids) == expected
+    for p in task.all_prompts():
+        assert task.prompt_of(p.text) == p
 
 
 def test_kto_rows_are_the_pairs_unpaired():
@@ -100,7 +127,7 @@ def demo_cache(tmp_path_factory):
 
 
 @pytest.mark.numerics  # the demo model is built by training: its weights depend on the BLAS
-@pytest.mark.parametrize("loss_type", ["dpo", "orpo", "kto"])
+@pytest.mark.parametrize("loss_type", ["dpo", "orpo", "kto", "grpo", "rloo"])
 def test_quick_demo_makes_the_model_polite(demo_cache, tmp_path, loss_type):
     out = tmp_path / "out"
     out.mkdir()
@@ -116,16 +143,28 @@ def test_quick_demo_makes_the_model_polite(demo_cache, tmp_path, loss_type):
     log = proc.stdout
     # The base model mirrors the user's tone: polite on the 3 polite templates out of 7.
     assert 0.25 <= before <= 0.6, log[-3000:]
-    assert after >= before + 0.3, log[-3000:]
     val_before, val_after = summary["val_before"], summary["val_after"]
-    if (
-        loss_type == "kto"
-    ):  # the same pairs as unpaired rows: no accuracy, a KL estimate
-        assert "rewards/accuracies" not in val_after and val_before["kl"] == 0.0
-        assert val_after["loss"] < val_before["loss"] == pytest.approx(0.5)
+    if loss_type in demo.RL:
+        # Sampled completions rewarded by the judge itself (measured: 42.9% -> 100%, the
+        # sampled completions' mean reward 0.36 -> 0.96, on both BLAS builds).
+        assert after >= before + 0.4, log[-3000:]
+        assert "mlx_lm_pref.demo.task:judge_reward" in summary["lora_command"]
+        assert val_after["reward"] >= val_before["reward"] + 0.4
+        assert val_after["rewards/judge_reward/mean"] == pytest.approx(
+            val_after["reward"]
+        )
+        # Sampled answers end before max_completion_length.
+        assert val_after["completions/clipped_ratio"] <= 0.05  # measured: 0 to 1.2%
+        assert "rewards/accuracies" not in val_after
+        assert f"val reward (iter {val_before['iteration']} ->" in log
     else:
-        assert val_after["rewards/accuracies"] >= val_before["rewards/accuracies"]
-    assert val_after["rewards/margins"] > val_before["rewards/margins"]
+        assert after >= before + 0.3, log[-3000:]
+        if loss_type == "kto":  # the same pairs as unpaired rows: no accuracy, a KL
+            assert "rewards/accuracies" not in val_after and val_before["kl"] == 0.0
+            assert val_after["loss"] < val_before["loss"] == pytest.approx(0.5)
+        else:
+            assert val_after["rewards/accuracies"] >= val_before["rewards/accuracies"]
+        assert val_after["rewards/margins"] > val_before["rewards/margins"]
 
     assert task.is_built(demo_cache / task.MODEL_NAME)
     assert (out / "adapters.safetensors").exists()

@@ -40,6 +40,20 @@ def unpaired(rows):
     ]
 
 
+def prompts(root, n=8):
+    """A data folder of prompt-only rows (GRPO, RLOO)."""
+    rows = [{"prompt": r["prompt"]} for r in make_rows(max(n, 4), 3)][:n]
+    return data(root, rows=rows)
+
+
+def rewards(root):
+    """A reward file's function, as --reward-funcs names it."""
+    path = root / "my_rewards.py"
+    path.write_text("def brevity(completion_ids, **kwargs):\n"
+                    "    return [-len(c) for c in completion_ids]\n")  # fmt: skip
+    return f"{path}:brevity"
+
+
 def yaml_file(root, text):
     path = root / "c.yaml"
     path.write_text(text)
@@ -118,8 +132,20 @@ REFUSED = {
         ["--max-length is TRL's name, not mlx-lm's; use --max-seq-length"],
     ),
     "trl-flag-underscore": (
-        lambda r: ["--data", data(r), "--loss-type", "dpo", "--max_completion_length=64"],
-        ["--max-completion-length is TRL's name", "use --max-seq-length"],
+        lambda r: ["--data", data(r), "--loss-type", "dpo", "--max_prompt_length=64"],
+        ["--max-prompt-length is TRL's name", "use --max-seq-length"],
+    ),
+    "dpo-max-completion-length": (
+        lambda r: ["--data", data(r), "--loss-type", "dpo", "--max-completion-length",
+                   64],
+        ["max_completion_length limits sampled completions (GRPO, RLOO); loss_type "
+         "dpo reads max_seq_length"],
+    ),
+    "grpo-vllm-yaml": (
+        lambda r: ["--data", prompts(r), "--config",
+                   yaml_file(r, f"loss_type: grpo\nreward_funcs: [{rewards(r)}]\n"
+                             "use_vllm: true\n")],
+        ["'use_vllm' is TRL's name", "sampled with mlx-lm's own generation"],
     ),
     "trl-flag-unsupported": (
         lambda r: ["--data", data(r), "--loss-type", "dpo", "--padding-free"],
@@ -215,6 +241,52 @@ REFUSED = {
                    yaml_file(r, "loss_type: orpo\nlabel_smoothing: 0.0\nuse_weighting: "
                              "false\ntruncation_mode: keep_start\ncpo_alpha: 1.0\n")],
         ["3 pairs to train on"],
+    ),
+    # 7b. GRPO and RLOO
+    "grpo-no-rewards": (
+        lambda r: ["--data", prompts(r), "--loss-type", "grpo"],
+        ["loss_type grpo learns from rewards: give --reward-funcs"],
+    ),
+    "grpo-reward-missing-file": (
+        lambda r: ["--data", prompts(r), "--loss-type", "grpo", "--reward-funcs",
+                   r / "nope.py:brevity", "--num-generations", 2],
+        ["nope.py"],
+    ),
+    "grpo-reward-no-function": (
+        lambda r: ["--data", prompts(r), "--loss-type", "grpo", "--reward-funcs",
+                   f"{rewards(r).split(':')[0]}:nope", "--num-generations", 2],
+        ["nope"],
+    ),
+    "grpo-one-generation": (
+        lambda r: ["--data", prompts(r), "--loss-type", "dapo", "--reward-funcs",
+                   rewards(r), "--num-generations", 1],
+        ["num_generations must be a whole number >= 2, got 1."],
+    ),
+    "grpo-groups-do-not-divide": (
+        lambda r: ["--data", prompts(r), "--loss-type", "grpo", "--reward-funcs",
+                   rewards(r), "--num-generations", 3, "--batch-size", 4],
+        ["does not hold whole groups of num_generations 3"],
+    ),
+    "grpo-no-prompt-column": (
+        lambda r: ["--data", data(r, rows=[{"text": "hello"}] * 8), "--loss-type",
+                   "grpo", "--reward-funcs", rewards(r), "--num-generations", 2],
+        ["train.jsonl:1: GRPO and RLOO train on prompt-only rows: expected a "
+         "'prompt' field"],
+    ),
+    "grpo-full-with-kl": (
+        lambda r: ["--data", prompts(r), "--loss-type", "grpo", "--reward-funcs",
+                   rewards(r), "--beta", 0.04, "--fine-tune-type", "full", "--num-generations", 2],
+        ["full fine-tuning has none"],
+    ),
+    "rloo-scale-rewards": (
+        lambda r: ["--data", prompts(r), "--loss-type", "rloo", "--reward-funcs",
+                   rewards(r), "--scale-rewards", "batch", "--num-generations", 2],
+        ["scale_rewards is a GRPO option; TRL's RLOOTrainer has no such option"],
+    ),
+    "grpo-too-few-prompts": (
+        lambda r: ["--data", prompts(r, 1), "--loss-type", "grpo", "--reward-funcs",
+                   rewards(r), "--num-generations", 2, "--batch-size", 4],
+        ["1 prompts to train on, fewer than the 2 of a generation batch"],
     ),
     # 8. folders and files
     "data-missing": (
@@ -349,7 +421,7 @@ def test_test_alone_scores_the_adapter_as_trained(tiny_model, tmp_path):
 def test_given_options_are_told_from_defaults(tmp_path):
     """After mlx-lm's ``main`` every option has a value; the command line and the YAML
     file say which the user gave."""
-    ns = SimpleNamespace(**{**config_defaults(), "beta": 0.1, "ld_alpha": 0.5})
+    ns = SimpleNamespace(**{**config_defaults(), "ld_alpha": 0.5})
     assert gate.typed(ns) == {"ld_alpha"}  # a script's namespace: not the default
     ours = set(config_defaults())
     with gate.command_line(["--beta", "0.1"]):
@@ -377,12 +449,13 @@ def trl_configs():
     pytest.importorskip("trl")
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from transformers import TrainingArguments
-    from trl import DPOConfig, KTOConfig
+    from trl import DPOConfig, GRPOConfig, KTOConfig, RLOOConfig
     from trl.experimental.cpo import CPOConfig
     from trl.experimental.orpo import ORPOConfig
 
     common = {f.name for f in dataclasses.fields(TrainingArguments)}
     configs = {"dpo": DPOConfig, "orpo": ORPOConfig, "cpo": CPOConfig, "kto": KTOConfig}
+    configs |= {"grpo": GRPOConfig, "rloo": RLOOConfig}
     return {
         method: {f.name for f in dataclasses.fields(c)} - common
         for method, c in configs.items()
@@ -412,27 +485,47 @@ def test_read_by_is_what_trl_configs_declare():
         "rpo_alpha",
         "cpo_loss_type",
     }  # CPOConfig calls it loss_type
+    # ORPOConfig's and CPOConfig's max_completion_length cuts the answer; here
+    # max_seq_length does, and the option is refused there saying so
+    unread = {"max_completion_length": {"orpo", "cpo"}}
     for name in set().union(*declared.values()) & ours - {"loss_type"}:
         methods = {m for m, names in declared.items() if name in names}
+        methods -= unread.get(name, set())
         assert methods == set(READ_BY.get(name, declared)), name
     assert not_trl <= set(READ_BY)
 
 
+# A value other than the default for each option (0.25 where not listed).
+VALUES = {"loss_weights": (2.0,), "label_smoothing": 0.1, "ld_alpha": 0.5,
+          "f_divergence_type": "forward_kl", "use_weighting": True,
+          "truncation_mode": "keep_end", "cpo_loss_type": "hinge",
+          "reference": "adapters_off", "identical_pairs": "drop",
+          "reward_funcs": ("my_rewards.py:brevity",), "reward_weights": (2.0,),
+          "num_generations": 4, "max_completion_length": 64, "top_k": 5,
+          "steps_per_generation": 2, "generation_batch_size": 8, "num_iterations": 2,
+          "delta": 2.0, "scale_rewards": "batch", "importance_sampling_level": "sequence",
+          "multi_objective_aggregation": "normalize_then_sum",
+          "mask_truncated_completions": True, "log_completions": True,
+          "num_completions_to_print": 3, "normalize_advantages": True,
+          "reward_clip_range": (0.0, 1.0), "use_bias_correction_kl": False}  # fmt: skip
+
+
 @pytest.mark.parametrize("name", READ_BY)
-@pytest.mark.parametrize("loss_type", ["dpo", "orpo", "simpo", "kto"])
+@pytest.mark.parametrize("loss_type", ["dpo", "orpo", "simpo", "kto", "dapo", "rloo"])
 def test_options_a_method_does_not_read_are_refused(name, loss_type):
-    method = PreferenceArgs(loss_type=loss_type).method
-    value = {"loss_weights": (2.0,), "label_smoothing": 0.1, "ld_alpha": 0.5,
-             "f_divergence_type": "forward_kl", "use_weighting": True,
-             "truncation_mode": "keep_end", "cpo_loss_type": "hinge",
-             "reference": "adapters_off"}.get(name, 0.25)  # fmt: skip
+    # GRPO and RLOO need reward functions; a KL term (beta > 0) for a reference
+    base = {"reward_funcs": VALUES["reward_funcs"], "beta": 0.1}
+    base = base if loss_type in ("dapo", "rloo") else {}
+    method = PreferenceArgs(loss_type=loss_type, **base).method
+    value = VALUES.get(name, 0.25)
     default = {f.name: f.default for f in dataclasses.fields(PreferenceArgs)}[name]
-    PreferenceArgs(loss_type=loss_type, **{name: default})  # a default is fine
+    if name not in base:  # a default is fine
+        PreferenceArgs(loss_type=loss_type, **{**base, name: default})
     if method in READ_BY[name]:
-        PreferenceArgs(loss_type=loss_type, **{name: value})
+        PreferenceArgs(loss_type=loss_type, **{**base, name: value})
     else:
         with pytest.raises(ConfigError, match="Remove it"):
-            PreferenceArgs(loss_type=loss_type, **{name: value})
+            PreferenceArgs(loss_type=loss_type, **{**base, name: value})
 
 
 def test_batch_size_divides_by_the_ranks(monkeypatch):

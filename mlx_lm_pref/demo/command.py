@@ -2,8 +2,10 @@
 
 1. Build (first use only) or load the cached demo model (``demo.task``).
 2. Greedy-generate answers to held-out prompts and judge them: the base model's success rate.
-3. Train a LoRA adapter with DPO or ORPO through the patched ``mlx_lm.lora`` (mlx-lm's own
-   progress UI, with the preference metrics under it), writing ``metrics.jsonl``.
+3. Train a LoRA adapter with DPO, ORPO or KTO on preference data, or with GRPO or RLOO on
+   the same prompts alone (completions sampled while training, scored by the demo's judge,
+   ``task.judge_reward``), through the patched ``mlx_lm.lora`` (mlx-lm's own progress UI,
+   with the method's metrics under it), writing ``metrics.jsonl``.
 4. Generate and judge again, then print a before/after table and sample answers, and write
    ``summary.json`` and a chart of the training metrics.
 
@@ -23,8 +25,10 @@ from typing import Optional
 from ..env import NO_OPENBLAS, OPENBLAS
 from . import task
 
-# Per-loss settings for this model and task, picked so that both losses learn the preference
-# within the quick mode's 30 steps and then hold it:
+MAX_TOKENS = 24  # answers are ~10 tokens; this bounds a degenerate one
+
+# Per-method settings for this model and task, picked so that each learns the preference
+# within the quick mode's 30 steps and then holds it:
 # - DPO: with TRL's beta=0.1, -log sigma(beta * margin) keeps paying for a wider margin long
 #   after the preference is learned; Adam keeps pushing both answers down and the held-out
 #   success rate falls from 100% (step ~20) back to ~55% by step 80. With beta=2 the loss
@@ -37,18 +41,47 @@ from . import task
 #   weight to act on either.
 # - KTO: the same pairs as unpaired rows (twice the rows, so half the batches' worth of
 #   pairs per step); beta and learning rate as DPO's.
+# - GRPO: the pairs' prompts alone; G=8 completions sampled per prompt at temperature 1 and
+#   scored by the judge itself (task.judge_reward). TRL's defaults (loss grpo, beta 0, G 8)
+#   but max_completion_length = MAX_TOKENS (answers take ~10 tokens, none is cut) and a
+#   batch of 32 completions (4 prompts x 8) per step. The base model's samples succeed 36%
+#   of the time and ~2/3 of the groups mix successes and failures, so the advantages move
+#   the model from the first step. --quick, measured on both builds (OpenBLAS / mlx's
+#   bundled BLAS): held-out success 42.9% -> 100% / 42.9% -> 100%, the sampled reward
+#   0.36 -> 0.96 / 0.38 -> 0.93, learned by step ~20 (reward 0.97); on the OpenBLAS build
+#   lr 3e-5 also ends at 100% (sampled reward still climbing: 0.90), lr 3e-4 at 97.1%
+#   (reward swinging 0.82/0.64/0.87), batch 16 at 100%, G=4 x 4 prompts at 97.1%, 15 steps
+#   at 100%, and the full mode at 100% of 140 prompts (reward 0.99 at step 80). Time on 2
+#   shared cores, model cached: training 10.5-14 s with OpenBLAS, 23-24 s without; the
+#   whole --quick demo 14-17 s / 27 s (DPO's: 1.7 s of training, 4 s in all); validation
+#   (8 samples of each of 32 prompts, 4 times) takes ~3 s of GRPO's training.
+# - RLOO: GRPO's recipe with TRL's RLOO beta 0.05 (a KL to the model without the adapter):
+#   --quick 42.9% -> 100%, sampled reward 0.36 -> 0.96, 17.6 s with OpenBLAS.
 RECIPES = {
     "dpo": {"beta": 2.0, "learning_rate": 3e-5},
     "orpo": {"beta": 2.0, "learning_rate": 1e-4},
     "kto": {"beta": 2.0, "learning_rate": 3e-5},
+    "grpo": {
+        "beta": 0.0,
+        "learning_rate": 1e-4,
+        "batch_size": 32,
+        "num_generations": 8,
+        "max_completion_length": MAX_TOKENS,
+        "temperature": 1.0,
+        "reward_funcs": "mlx_lm_pref.demo.task:judge_reward",
+    },
 }
+RECIPES["rloo"] = {**RECIPES["grpo"], "beta": 0.05}  # TRL's RLOO beta
+# The methods that train on prompts alone, sampling and scoring their own completions, and
+# their recipes' options that only they take.
+RL = ("grpo", "rloo")
+RL_OPTIONS = ("reward_funcs", "num_generations", "max_completion_length", "temperature")
 # ``quick`` still trains past the point where the preference is learned (~16 iterations).
 MODES = {
     "full": {"iters": 80, "per_template": 20},
     "quick": {"iters": 30, "per_template": 5},
 }
 LORA = {"batch_size": 8, "num_layers": -1, "steps_per_report": 5, "steps_per_eval": 10}
-MAX_TOKENS = 24  # answers are ~10 tokens; this bounds a degenerate one
 SAMPLES = 3
 # Files of a previous run in --out that this run rewrites (metrics.jsonl is appended to).
 OUTPUTS = (
@@ -70,7 +103,8 @@ def parse_args(argv) -> argparse.Namespace:
         "--loss-type",
         choices=sorted(RECIPES),
         default="dpo",
-        help="The preference loss to train with. Default: dpo.",
+        help="The method to train with: a preference loss (dpo, orpo, kto) on pairs, or "
+        "grpo or rloo on the prompts alone, rewarded by the demo's judge. Default: dpo.",
     )
     parser.add_argument(
         "--out",
@@ -174,7 +208,11 @@ def success_rate(prompts: list, answers: list) -> float:
 def lora_argv(
     model_path: Path, data: Path, out: Path, loss_type: str, iters: int
 ) -> list:
-    recipe = RECIPES[loss_type]
+    recipe = {**LORA, **RECIPES[loss_type]}
+    rl = []  # GRPO's and RLOO's own options
+    for name in RL_OPTIONS:
+        if name in recipe:
+            rl += [f"--{name.replace('_', '-')}", str(recipe[name])]
     return [
         "--model", str(model_path),
         "--train",
@@ -183,7 +221,7 @@ def lora_argv(
         "--beta", str(recipe["beta"]),
         "--learning-rate", str(recipe["learning_rate"]),
         "--iters", str(iters),
-        "--batch-size", str(LORA["batch_size"]),
+        "--batch-size", str(recipe["batch_size"]),
         "--num-layers", str(LORA["num_layers"]),
         "--steps-per-report", str(LORA["steps_per_report"]),
         "--steps-per-eval", str(LORA["steps_per_eval"]),
@@ -191,6 +229,7 @@ def lora_argv(
         "--save-every", str(iters + 1),  # no intermediate checkpoints
         "--adapter-path", str(out),
         "--seed", "0",
+        *rl,
     ]  # fmt: skip
 
 
@@ -220,14 +259,40 @@ def first_and_last(metrics: list, split: str) -> tuple:
 # ---------------------------------------------------------------------------------------
 # Report
 
-# (metric, y-axis label, log scale): the loss falls over decades once the pairs are learned.
-# KTO has no rewards/accuracies: its panel shows the KL estimate the rewards are judged by.
-CHART_SERIES = (
-    ("loss", "loss (log scale)", True),
-    ("rewards/accuracies", "fraction of pairs", False),
-    ("rewards/margins", "nats x beta", False),
-)
-KTO_SERIES = (CHART_SERIES[0], ("kl", "nats", False), CHART_SERIES[2])
+# What the report and the chart show of the training metrics, per kind of method:
+# ``(metric, y-axis label, log scale)``. The first is the report's and the chart's first.
+# Preference losses: the loss falls over decades once the pairs are learned. KTO has no
+# rewards/accuracies: the KL estimate its rewards are judged by instead. GRPO/RLOO: the loss
+# is ~0 by construction (advantages are centred per group and the importance ratio is 1
+# when each generation is trained on once; the gradient is not 0), so the sampled
+# completions' mean reward, its spread within groups (0 once every completion of a group
+# succeeds: nothing left to learn) and their length.
+SERIES = {
+    "pairs": (
+        ("loss", "loss (log scale)", True),
+        ("rewards/accuracies", "fraction of pairs", False),
+        ("rewards/margins", "nats x beta", False),
+    ),
+    "kto": (
+        ("loss", "loss (log scale)", True),
+        ("kl", "nats", False),
+        ("rewards/margins", "nats x beta", False),
+    ),
+    "rl": (
+        ("reward", "mean judge reward of samples", False),
+        ("reward_std", "std within groups", False),
+        ("completions/mean_length", "tokens", False),
+    ),
+}
+
+
+def series_of(metrics: list) -> tuple:
+    """``SERIES`` of the method that wrote ``metrics``, told by the metrics it logs."""
+    if any("reward" in m for m in metrics):
+        return SERIES["rl"]
+    if any("rewards/accuracies" in m for m in metrics):
+        return SERIES["pairs"]
+    return SERIES["kto"]
 
 
 def write_chart(metrics: list, path: Path, title: str, success: tuple) -> tuple:
@@ -240,8 +305,7 @@ def write_chart(metrics: list, path: Path, title: str, success: tuple) -> tuple:
         import matplotlib.pyplot as plt
     except ImportError:
         return None, "matplotlib is not installed (pip install 'mlx-lm-pref[plot]')"
-    kto = not any("rewards/accuracies" in m for m in metrics)
-    series = KTO_SERIES if kto else CHART_SERIES
+    series = series_of(metrics)
     fig, axes = plt.subplots(1, len(series) + 1, figsize=(16, 3.8))
     for ax, (name, ylabel, log) in zip(axes, series):
         for split, style in (("train", "-"), ("val", "o--")):
@@ -307,7 +371,7 @@ def print_report(summary: dict) -> None:
             f"{summary['success_after']:.1%}",
         ),
     ]
-    for name in ("loss", "rewards/accuracies", "rewards/margins"):
+    for name, _, _ in series_of([vb, va]):
         if name in vb and name in va:
             label = f"val {name} (iter {vb['iteration']} -> {va['iteration']})"
             rows.append((label, f"{vb[name]:.3f}", f"{va[name]:.3f}"))
@@ -369,7 +433,12 @@ def run_demo(args) -> dict:
     model_path = task.ensure_model(blas=blas)
     seconds["model"] = time.perf_counter() - tic
     prompts = task.held_out_prompts(mode["per_template"])
-    data = task.write_preference_data(out / "data", unpaired=args.loss_type == "kto")
+    if args.loss_type in RL:
+        data = task.write_prompt_data(out / "data")
+    else:
+        data = task.write_preference_data(
+            out / "data", unpaired=args.loss_type == "kto"
+        )
 
     t = time.perf_counter()
     before = generate_answers(model_path, prompts, label="base model")

@@ -166,6 +166,57 @@ def write_preference_data(
     return folder
 
 
+def prompt_rows(n: int, seed: int) -> list:
+    """GRPO's and RLOO's view of the task: the prompts of ``preference_rows(n, seed)`` alone,
+    ``{"prompt": [user message]}``; the answers are sampled while training and scored by
+    ``judge_reward``."""
+    return [{"prompt": row["prompt"]} for row in preference_rows(n, seed)]
+
+
+def write_prompt_data(folder: Path, n_train: int = 256, n_valid: int = 32) -> Path:
+    """``train.jsonl`` and ``valid.jsonl`` of prompt-only rows: the preference data's prompts
+    (the same seed, so the same training prompts as DPO's)."""
+    rows = prompt_rows(n_train + n_valid, seed=1)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, part in (("train", rows[:n_train]), ("valid", rows[n_train:])):
+        (folder / f"{name}.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in part)
+        )
+    return folder
+
+
+OBJECT = re.compile(rf"\bthe ((?:{'|'.join(ADJECTIVES)}) (?:{'|'.join(ITEMS)}))\b")
+
+
+def prompt_of(text: str) -> Prompt:
+    """The ``Prompt`` a request's text was made from (the judge reads its object only)."""
+    for template, request in enumerate(REQUESTS):
+        head, tail = request.split("{x}")
+        if text.startswith(head) and text.endswith(tail):
+            return Prompt(template, text[len(head) : len(text) - len(tail)])
+    match = OBJECT.search(text)
+    if match is None:
+        raise ValueError(f"not a request of the demo's task: {text!r}")
+    return Prompt(0, match.group(1))
+
+
+def _text(message) -> str:
+    """A prompt's or completion's text: a string, or the content of its last message."""
+    return message if isinstance(message, str) else message[-1]["content"]
+
+
+def judge_reward(prompts, completions, completion_ids, **kwargs) -> list[float]:
+    """``judge`` as a GRPO/RLOO reward function (TRL's signature, one float per
+    completion): 1.0 for a polite answer handing over the requested object, else 0.0.
+    ``prompts`` are requests, strings or conversations (the user's request last);
+    ``completions`` strings or ``[{"role": "assistant", "content": text}]``.
+    ``--reward-funcs mlx_lm_pref.demo.task:judge_reward``."""
+    return [
+        float(judge(prompt_of(_text(p)), _text(c)))
+        for p, c in zip(prompts, completions, strict=True)
+    ]
+
+
 def judge(prompt: Prompt, response: str) -> bool:
     """The preferred behaviour: a polite opener, the requested object, nothing rude."""
     response = response.strip()
