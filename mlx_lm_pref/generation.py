@@ -59,12 +59,12 @@ def sample_group(
     ``max_tokens``."""
     cache = make_prompt_cache(model)
     ids = mx.array(prompt)[None]
-    logits = model(ids, cache=cache)[:, -1]
+    logits = _prefill(model, ids, cache)
     if _repeat(cache, G):
         logits = mx.repeat(logits, G, axis=0)
     else:
         cache = make_prompt_cache(model)
-        logits = model(mx.repeat(ids, G, axis=0), cache=cache)[:, -1]
+        logits = _prefill(model, mx.repeat(ids, G, axis=0), cache)
     rows = [[] for _ in range(G)]
     done = [False] * G
     for _ in range(max_tokens):
@@ -86,6 +86,16 @@ def sample_group(
             break
         logits = model(tokens[:, None], cache=cache)[:, -1]
     return rows
+
+
+def _prefill(model, ids, cache):
+    """The last position's logits of ``ids`` (R, P), the cache filled: the positions before
+    it only into the cache (as mlx-lm's ``generate_step``), so the output layer runs on one
+    position, not the prompt's P (on a 152k vocabulary, 600 kB each)."""
+    if ids.shape[1] > 1:
+        model(ids[:, :-1], cache=cache)
+        mx.eval([c.state for c in cache])
+    return model(ids[:, -1:], cache=cache)[:, -1]
 
 
 def _process(processors, history, logits):

@@ -200,7 +200,7 @@ class Rollouts:
             )
         gathered = self._gathered(rewards, lengths, truncated, kept, kl, training)
         advantages = self._advantages(gathered)
-        metrics = self._metrics(gathered, advantages, training)
+        metrics = self._metrics(gathered, advantages)
         rank_rows = slice(gathered["offset"], gathered["offset"] + len(rows))
         mine = advantages["advantages"][rank_rows]
         if o.log_completions and training:
@@ -230,18 +230,16 @@ class Rollouts:
         return batches
 
     def _eos_ids(self):
-        tokenizer = self._tokenizer()
+        tokenizer = self.tokenizer
         ids = getattr(tokenizer, "eos_token_ids", None)
         if not ids:
             ids = [_hf(tokenizer).eos_token_id]
         return [i for i in ids if i is not None]
 
     def _pad(self):
-        pad = getattr(_hf(self._tokenizer()), "pad_token_id", None)
+        """The pad id, which TRL counts as an end like EOS."""
+        pad = getattr(_hf(self.tokenizer), "pad_token_id", None)
         return {pad} if pad is not None else set()
-
-    def _tokenizer(self):
-        return self.tokenizer
 
     def _collate(self, rows):
         """``(tokens, spans, groups)`` of ``rows`` [(prompt index, prompt, completion)]: the
@@ -311,7 +309,7 @@ class Rollouts:
         return logps
 
     def _texts(self, prompts, completions):
-        hf = _hf(self._tokenizer())
+        hf = _hf(self.tokenizer)
         texts = [hf.decode(c, skip_special_tokens=True) for c in completions]
         if isinstance(prompts[0].prompt, list):  # conversational: TRL's message form
             return [[{"role": "assistant", "content": t}] for t in texts]
@@ -366,7 +364,7 @@ class Rollouts:
             std = np.repeat(nanstd(rewards.reshape(-1, G), axis=1), G)
         return {"advantages": advantages, "std": std}
 
-    def _metrics(self, g, advantages, training) -> list:
+    def _metrics(self, g, advantages) -> list:
         """The sampling's metrics as (numerator, denominator) rows, in
         ``rollout_metric_names`` order (every rank the same values)."""
         lengths, truncated = g["lengths"], g["truncated"]
