@@ -791,6 +791,13 @@ class PreferenceArgs:
         """GRPO and RLOO: trained on completions sampled from the model."""
         return self.method in RL
 
+    def generation_steps(self, batch_size, grad_accumulation_steps=1) -> int:
+        """TRL's steps_per_generation: given, or from generation_batch_size (a multiple of
+        ``batch_size``), or mlx-lm's ``grad_accumulation_steps``."""
+        if self.generation_batch_size:
+            return self.generation_batch_size // batch_size
+        return self.steps_per_generation or grad_accumulation_steps
+
     @property
     def clip_high(self) -> float:
         """TRL's epsilon_high: epsilon unless set."""

@@ -392,11 +392,9 @@ def check_batch_size(options, ns):
 
 
 def steps_per_generation(options, ns) -> int:
-    """TRL's steps_per_generation: given, or from generation_batch_size, or mlx-lm's
-    grad_accumulation_steps."""
-    if options.generation_batch_size:
-        return options.generation_batch_size // ns.batch_size
-    return options.steps_per_generation or getattr(ns, "grad_accumulation_steps", 1)
+    return options.generation_steps(
+        ns.batch_size, getattr(ns, "grad_accumulation_steps", 1)
+    )
 
 
 def check_generation(options, ns, ranks):

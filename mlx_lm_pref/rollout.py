@@ -87,12 +87,6 @@ class Rollouts:
         self.generations = 0  # generation batches sampled, for messages
         self.samples: List[dict] = []  # the last generation's, for log_completions
 
-    def steps_per_generation(self, batch_size) -> int:
-        o = self.options
-        if o.generation_batch_size:
-            return o.generation_batch_size // batch_size
-        return o.steps_per_generation or self.grad_accumulation_steps
-
     def __call__(
         self,
         dataset,
@@ -114,7 +108,9 @@ class Rollouts:
 
     def _training(self, prompts, batch_size, seed, comm_group):
         o, (rank, ranks) = self.options, self._ranks(comm_group)
-        G, S = o.num_generations, self.steps_per_generation(batch_size)
+        G, S = o.num_generations, o.generation_steps(
+            batch_size, self.grad_accumulation_steps
+        )
         per_generation = batch_size * S // G  # prompts, every rank together
         share = per_generation // ranks
         # The model moved since sampling when a generation batch spans optimizer steps:
