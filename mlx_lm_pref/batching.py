@@ -130,7 +130,10 @@ def iterate_preference_batches(
     seed=None,
     comm_group=None,
     prompt_sharing="false",
+    skip=0,
 ):
+    """mlx-lm's ``iterate_batches`` for preference data (``skip``: leave out the first
+    batches, their epochs' orders still drawn: a resumed run's place)."""
     pairs = preference_dataset_of(dataset)
     if len(pairs) < batch_size:
         raise ValueError(
@@ -154,6 +157,9 @@ def iterate_preference_batches(
         # KTO: TRL's sequential sampler, the same order every epoch
         epoch = range(len(batch_idx)) if kto else np.random.permutation(len(batch_idx))
         for i in epoch:
+            if skip:
+                skip -= 1
+                continue
             batch = [pairs[j] for j in batch_idx[i]]
             yield (make_batch(batch, max_seq_length, pairs.source, prompt_sharing),)
         if not loop:

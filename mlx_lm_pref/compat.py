@@ -79,3 +79,16 @@ def token_ids(encoded) -> list:
     if isinstance(encoded, dict) or hasattr(encoded, "keys"):
         encoded = encoded["input_ids"]
     return list(encoded)
+
+
+def resumable_loop() -> bool:
+    """Whether mlx-lm's ``train`` counts its loop as ``range(1, args.iters + 1)``, the count
+    a resumed run starts later (``patches/trainer.py``): every supported release does.
+    """
+    import inspect
+
+    from mlx_lm.tuner import trainer
+
+    return "range(1, args.iters + 1)" in inspect.getsource(
+        inspect.unwrap(trainer.train)
+    )

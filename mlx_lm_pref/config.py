@@ -20,6 +20,7 @@ both paths, because YAML values never pass through argparse.
 import argparse
 import math
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import NamedTuple, Optional, Tuple
 
 DPO_LOSSES = (
@@ -253,6 +254,7 @@ WHOLE = {
     "generation_batch_size": 1,
     "num_iterations": 1,
     "num_completions_to_print": 0,
+    "save_total_limit": 1,
 }
 
 
@@ -433,6 +435,34 @@ class PreferenceArgs:
         },
     )
 
+    # ---- checkpoints (TRL's TrainingArguments names) ----
+    resume_from_checkpoint: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Continue an interrupted run from a checkpoint: true (or --resume) "
+            "for the newest under adapter_path/checkpoints, or a checkpoint folder. "
+            "Weights, optimizer state, the schedule's position, the data's position and "
+            "the random states come back; iters, report, eval and save cadence may "
+            "change, nothing else."
+        },
+    )
+    save_total_limit: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Keep only the newest N checkpoints (checkpoints/NNNNNNN, written every "
+            "save_every iterations and at the end); default: all."
+        },
+    )
+    save_only_model: Optional[bool] = field(
+        default=None,
+        metadata={
+            "help": "true: save only the adapter weights (mlx-lm's "
+            "NNNNNNN_adapters.safetensors), no checkpoints: such a run cannot be resumed. "
+            "false: write checkpoints, SFT runs too. Default: checkpoints for preference "
+            "runs, none for SFT (upstream's)."
+        },
+    )
+
     # ---- GRPO and RLOO (TRL 1.16's GRPOConfig / RLOOConfig) ----
     reward_funcs: Optional[Tuple[str, ...]] = field(
         default=None,
@@ -593,6 +623,13 @@ class PreferenceArgs:
                 set_(name, _floats(getattr(self, name), name))
         if self.reward_funcs is not None:
             set_("reward_funcs", _specs(self.reward_funcs))
+        if isinstance(self.resume_from_checkpoint, bool):  # YAML true / false
+            set_(
+                "resume_from_checkpoint",
+                "true" if self.resume_from_checkpoint else None,
+            )
+        elif isinstance(self.resume_from_checkpoint, Path):
+            set_("resume_from_checkpoint", str(self.resume_from_checkpoint))
         if isinstance(self.scale_rewards, bool):  # TRL's True / False
             set_("scale_rewards", "group" if self.scale_rewards else "none")
         for name, least in WHOLE.items():
@@ -813,6 +850,14 @@ class PreferenceArgs:
         return self.method != "sft"
 
     @property
+    def writes_checkpoints(self) -> bool:
+        """Preference runs unless save_only_model; SFT runs when asked (save_only_model
+        false, or resuming)."""
+        if self.save_only_model is not None:
+            return not self.save_only_model
+        return self.is_preference or bool(self.resume_from_checkpoint)
+
+    @property
     def needs_reference(self) -> bool:
         """DPO and KTO; GRPO and RLOO with a KL term (beta > 0)."""
         return self.method in ("dpo", "kto") or (self.generates and self.beta > 0)
@@ -832,7 +877,7 @@ class PreferenceArgs:
             v = getattr(ns, f.name, None)
             if v is None:
                 continue
-            if f.type is bool and not isinstance(v, bool):
+            if f.type in (bool, Optional[bool]) and not isinstance(v, bool):
                 raise ConfigError(
                     f"{f.name} must be true or false, got {v!r}"
                     + (
@@ -870,8 +915,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             default = ",".join(map(str, default))
         flag = "--" + f.name.replace("_", "-")
         help = f"{f.metadata['help']} Default: {default}."
-        if f.type is bool:  # a flag; --no-... for one that is on by default
-            action = argparse.BooleanOptionalAction if default else "store_true"
+        if f.type in (bool, Optional[bool]):  # --no-... for one on by default or unset
+            optional = default or f.type is not bool
+            action = argparse.BooleanOptionalAction if optional else "store_true"
             group.add_argument(flag, action=action, default=None, help=help)
             continue
         group.add_argument(
@@ -881,6 +927,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             default=None,
             help=help,
         )
+    group.add_argument(
+        "--resume",
+        dest="resume_from_checkpoint",
+        action="store_const",
+        const="true",
+        default=None,
+        help="Continue the run from its newest checkpoint (resume_from_checkpoint: true).",
+    )
 
 
 class Instead(NamedTuple):

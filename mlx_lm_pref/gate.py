@@ -36,6 +36,14 @@ import mlx.core as mx
 import yaml
 
 from .batching import preference_dataset_of
+from .checkpoint import (
+    MAY_CHANGE,
+    file_fingerprint,
+    find_checkpoint,
+    read_state,
+    refuse_differences,
+)
+from .compat import resumable_loop
 from .config import (
     TRL_NAMES,
     YAML_ONLY,
@@ -59,6 +67,7 @@ HF_DATASET_KEYS |= FEATURES | {"mask_prompt"}
 # has no reference): the trained adapter cannot be its own initial_adapter, and a
 # precomputed reference scores the model as training starts.
 RUN_MECHANICS = {"prompt_sharing", "head_chunk_size", "on_nonfinite", "report_metrics"}
+RUN_MECHANICS |= {"resume_from_checkpoint", "save_total_limit", "save_only_model"}
 
 # The option names given on the command line or in YAML, while upstream's ``main`` runs (it
 # parses the command line and calls ``run`` with no argument that could carry them).
@@ -135,7 +144,135 @@ def check(ns) -> PreferenceArgs:
         check_sft_data(ns)
     for note in notes:  # --test alone: the options given otherwise than trained
         log(note)
-    return options
+    if options.is_preference and ns.train:
+        options = continue_adapter(options, ns)
+    return check_resume(options, ns)
+
+
+# ---- resuming ----
+
+
+def run_identity(ns) -> dict:
+    """What a checkpoint records of an ``mlx_lm.lora`` run besides the preference options,
+    for a resumed run to be compared with: every option as given, and a fingerprint of the
+    training rows (a local train.jsonl's bytes)."""
+    args = json.loads(json.dumps(vars(ns), default=str))
+    train = Path(ns.data) / "train.jsonl" if getattr(ns, "data", None) else None
+    fingerprint = None
+    if train is not None and not getattr(ns, "hf_dataset", None):
+        fingerprint = file_fingerprint([train])
+    return {"args": args, "train_data": fingerprint}
+
+
+def check_resume(options, ns) -> PreferenceArgs:
+    """``resume_from_checkpoint``: the checkpoint exists and holds this run (the same
+    options but those that may change, the same training rows); returns the options with
+    the checkpoint's folder in place of ``true``. Says what changed that may."""
+    value = options.resume_from_checkpoint
+    if not value:
+        return options
+    if not ns.train:
+        raise ConfigError("resume_from_checkpoint continues training: give --train.")
+    if options.save_only_model:
+        raise ConfigError(
+            "resume_from_checkpoint with save_only_model: a resumed run writes "
+            "checkpoints; remove save_only_model."
+        )
+    if getattr(ns, "resume_adapter_file", None):
+        raise ConfigError(
+            "resume_from_checkpoint with --resume-adapter-file: the checkpoint holds the "
+            "weights to continue from; give one of them."
+        )
+    if not resumable_loop():
+        raise ConfigError(
+            "resume_from_checkpoint: this mlx-lm's training loop does not count its "
+            "iterations as the supported releases do; a resumed run cannot start "
+            "mid-way in it."
+        )
+    folder = find_checkpoint(value, ns.adapter_path)
+    state = read_state(folder)
+    now = run_identity(ns)
+    refuse_differences(folder, state.get("args", {}), now["args"])
+    if state.get("train_data") != now["train_data"]:
+        raise ConfigError(
+            f"resume_from_checkpoint {folder}: the training data differ from the run it "
+            f"holds ({Path(ns.data) / 'train.jsonl'} changed): its data position would "
+            "point elsewhere. Resume with the run's data, or start a new run."
+        )
+    if state["iteration"] >= ns.iters:
+        raise ConfigError(
+            f"resume_from_checkpoint {folder}: the run is at iteration "
+            f"{state['iteration']} and iters is {ns.iters}: nothing is left to train; "
+            "raise iters to train on."
+        )
+    saved = state.get("args", {})
+    changed = [
+        f"{n} {plain(now['args'][n])} (was {plain(saved[n])})"
+        for n in sorted(MAY_CHANGE & set(saved) & set(now["args"]) - IGNORED)
+        if saved[n] != now["args"][n]
+    ]
+    if changed:
+        log(f"resuming with {', '.join(changed)}")
+    return options.replace(resume_from_checkpoint=str(folder))
+
+
+def continue_adapter(options, ns) -> PreferenceArgs:
+    """``--resume-adapter-file`` keeps mlx-lm's meaning (start from these weights) and, with
+    ``reference: auto``, this rule: an adapter a preference run trained keeps that run's
+    reference (continuing DPO does not re-anchor on its own checkpoint); an SFT adapter
+    becomes the reference (TRL's DPO after SFT). Sets ``ns.reference`` (and
+    ``ns.reference_adapter_file``, the adapter whose tensors are the reference), which
+    mlx-lm records in adapter_config.json for the next continuation; says which and why.
+    """
+    path = getattr(ns, "resume_adapter_file", None)
+    if not path or not options.needs_reference or options.reference != "auto":
+        return options
+    config = Path(path).parent / "adapter_config.json"
+    saved = {}
+    if config.is_file():
+        try:
+            saved = json.loads(config.read_text())
+            trained = PreferenceArgs.from_namespace(SimpleNamespace(**saved))
+        except (ValueError, TypeError):
+            saved, trained = {}, None
+    if not saved or trained is None or not trained.needs_reference:
+        if ns.fine_tune_type != "full":
+            log(
+                f"reference: initial_adapter, the adapter of --resume-adapter-file {path} "
+                "(not trained with a reference: DPO after SFT)"
+            )
+        return options
+    if ns.fine_tune_type == "full" or saved.get("fine_tune_type") == "full":
+        raise ConfigError(
+            f"--resume-adapter-file {path}: weights a {trained.method} run fine-tuned in "
+            "full; its reference was the model before that run, which is gone. Continue "
+            "the run with --resume, or give --reference precomputed to start anew from "
+            "these weights."
+        )
+    strategy = saved.get("reference", "auto")
+    origin = saved.get("reference_adapter_file") or saved.get("resume_adapter_file")
+    if strategy == "auto":
+        strategy = "initial_adapter" if origin else "adapters_off"
+    if strategy == "precomputed":  # scored the model that run started from
+        strategy = "initial_adapter" if origin else "adapters_off"
+    why = f"{path} was trained by a {trained.method} run with that reference"
+    if strategy == "initial_adapter":
+        if not origin or not Path(origin).is_file():
+            raise ConfigError(
+                f"--resume-adapter-file {path}: its {trained.method} run's reference was "
+                f"the adapter it started from, {origin}, which is not there any more. "
+                "Give --reference adapters_off or initial_adapter."
+            )
+        ns.reference_adapter_file = origin
+        log(f"reference: initial_adapter from {origin} ({why}; continuing keeps it)")
+    else:
+        log(f"reference: {strategy} ({why}; continuing keeps it)")
+    ns.reference = strategy
+    return options.replace(reference=strategy)
+
+
+# Options whose change is not worth a line when resuming.
+IGNORED = {"resume_from_checkpoint", "config", "train", "test"}
 
 
 def take_adapter_options(ns) -> list:

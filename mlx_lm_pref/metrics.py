@@ -165,6 +165,7 @@ class PreferenceReporter(TrainingCallback):
         # mlx-lm's own count of the tokens trained on (every method; TRL's ORPO has no
         # num_tokens): the summary's
         self.upstream_tokens = 0
+        self.upstream_offset = 0  # a resumed run's count at its checkpoint
         # log_completions: a function returning the samples a training report prints
         self.samples = None
 
@@ -190,7 +191,8 @@ class PreferenceReporter(TrainingCallback):
 
     def on_train_loss_report(self, train_info: dict):
         metrics = self._train_metrics()
-        self.upstream_tokens = train_info.get("trained_tokens", self.upstream_tokens)
+        if "trained_tokens" in train_info:
+            self.upstream_tokens = self.upstream_offset + train_info["trained_tokens"]
         self.record("train", train_info["iteration"], metrics)
         if self.samples is not None:
             print_samples(self.samples())

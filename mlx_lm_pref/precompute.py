@@ -22,6 +22,7 @@ from mlx.utils import tree_flatten
 from tqdm import tqdm
 
 from .batching import iterate_eval_batches, kl_chunk
+from .config import ConfigError
 from .console import is_main_rank
 from .data import Example
 from .env import cache_root
@@ -68,10 +69,18 @@ def cache_key(model_hash: str, pairs, options, max_seq_length: int) -> str:
 
 
 def precompute_reference(
-    model, pairs, options, batch_size, max_seq_length, model_hash=None
+    model,
+    pairs,
+    options,
+    batch_size,
+    max_seq_length,
+    model_hash=None,
+    cached_only=None,
 ):
     """``pairs`` (a PreferenceDataset) with reference log-probs on every pair, scored in
     the layout ``options.prompt_sharing`` asks for (resolved for this model).
+    ``cached_only``: the checkpoint a resumed run continues, whose model is no longer the
+    one to score: the values must be in the cache.
 
     Returns ``(dataset, status)``, status ``"loaded"`` or ``"computed"``.
     """
@@ -83,6 +92,12 @@ def precompute_reference(
     if path.exists():
         values = np.array(mx.load(str(path))["reference"])
         status = "loaded"
+    elif cached_only:
+        raise ConfigError(
+            f"resume_from_checkpoint {cached_only}: the run's precomputed reference "
+            f"log-probs of {pairs.source} are gone from {path.parent} (the trained "
+            "weights cannot score them again); start the run anew."
+        )
     else:
         values = _score(model, pairs, options, batch_size, max_seq_length)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ pass ``m`` is swapped for the base weight's own row norms, which makes the resca
 """
 
 from contextlib import contextmanager
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -98,12 +99,29 @@ class InitialAdapter:
     that took it (nothing is left on the model's layers).
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, saved: Optional[dict] = None):
+        """The adapter tensors ``model`` holds now, or those of ``saved`` (``arrays()``'s
+        names, from a checkpoint: the step 0 of the run it continues)."""
+        names = {id(m): name for name, m in model.named_modules()}
+        if saved is not None:
+            wanted = {
+                f"{names[id(layer)]}.{k}"
+                for layer in adapter_layers(model)
+                for k in ADAPTER_PARAMETERS
+                if k in layer
+            }
+            if wanted - set(saved):
+                raise ConfigError(
+                    f"the reference adapter has no {sorted(wanted - set(saved))[0]}: it "
+                    "was trained with other layers (num_layers, lora_parameters.keys)."
+                )
         self.tensors = [
             (
                 layer,
                 {
-                    k: mx.stop_gradient(layer[k])
+                    k: mx.stop_gradient(
+                        saved[f"{names[id(layer)]}.{k}"] if saved else layer[k]
+                    )
                     for k in ADAPTER_PARAMETERS
                     if k in layer
                 },
@@ -111,6 +129,15 @@ class InitialAdapter:
             for layer in adapter_layers(model)
         ]
         mx.eval([t for _, tensors in self.tensors for t in tensors.values()])
+
+    def arrays(self, model: nn.Module) -> dict:
+        """``{"<layer path>.<name>": tensor}``, as a checkpoint stores them."""
+        names = {id(m): name for name, m in model.named_modules()}
+        return {
+            f"{names[id(layer)]}.{k}": v
+            for layer, tensors in self.tensors
+            for k, v in tensors.items()
+        }
 
     @contextmanager
     def swapped_in(self, model: nn.Module):

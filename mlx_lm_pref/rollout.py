@@ -95,18 +95,21 @@ class Rollouts:
         loop=False,
         seed=None,
         comm_group=None,
+        skip=0,
         **_,
     ):
         prompts = preference_dataset_of(dataset)
         self.tokenizer = prompts.tokenizer
         if loop:
-            return self._training(prompts, batch_size, seed, comm_group)
+            return self._training(prompts, batch_size, seed, comm_group, skip)
         return self._evaluation(prompts, batch_size, comm_group)
 
     def _ranks(self, comm_group):
         return (comm_group.rank(), comm_group.size()) if comm_group else (0, 1)
 
-    def _training(self, prompts, batch_size, seed, comm_group):
+    def _training(self, prompts, batch_size, seed, comm_group, skip=0):
+        """``skip``: batches a resumed run trained on, whole generation batches: their
+        prompt orders are drawn again, nothing is sampled."""
         o, (rank, ranks) = self.options, self._ranks(comm_group)
         G, S = o.num_generations, o.generation_steps(
             batch_size, self.grad_accumulation_steps
@@ -121,6 +124,9 @@ class Rollouts:
         while True:
             order = np.random.permutation(len(prompts))
             for first in range(0, len(order) - per_generation + 1, per_generation):
+                if skip:
+                    skip -= S * o.num_iterations
+                    continue
                 chunk = order[first : first + per_generation]
                 places = range(rank * share, (rank + 1) * share)
                 mine = [prompts[int(chunk[j])] for j in places]

@@ -39,6 +39,18 @@ class PreferenceRun:
     guard: Optional[object] = None  # safety.RunGuard
     reporter: Optional[object] = None  # metrics.PreferenceReporter
     rollouts: Optional[object] = None  # rollout.Rollouts: GRPO's and RLOO's batches
+    checkpoints: Optional[object] = None  # resume.RunCheckpoints
+    # The options as asked, before ``start_training`` resolved them for the model (what a
+    # checkpoint records and a resumed run is compared with).
+    asked: Optional[PreferenceArgs] = None
+    # mlx_lm.lora: its options and the training data's fingerprint, which a checkpoint
+    # records (``gate.run_identity``).
+    identity: dict = field(default_factory=dict)
+    # --resume-adapter-file of a preference run with reference initial_adapter: the file
+    # holding that run's reference adapter (``gate.continue_adapter``).
+    reference_file: Optional[str] = None
+    # A resumed run: the iteration mlx-lm's loop starts at (``patches/trainer.py``).
+    loop_start: Optional[int] = None
     # What it trains with, in words (method, reference, layout), for the end-of-run summary.
     description: str = ""
     train_seconds: Optional[float] = None  # train()'s wall time, validation included

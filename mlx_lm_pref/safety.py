@@ -56,6 +56,8 @@ class RunGuard:
         self.skipped = []
         self.interrupted = False
         self.steps = []  # (K, 2) metrics of each kept step since the last report
+        self.checkpoint = None  # (folder, iteration) of the newest checkpoint
+        self.ranks = mx.distributed.init().size()
 
     def start(self, optimizer):
         """Set up the model's metrics and update channels and watch the optimizer's
@@ -80,7 +82,8 @@ class RunGuard:
         finite, update = mx.all(mx.isfinite(metrics)).item(), update.item()
         self.model[UPDATE_ATTRIBUTE] = mx.array(True)  # steps without an update stay so
         if finite and update:
-            self.steps.append(metrics)
+            if self.names:  # an SFT run's guard keeps no metrics
+                self.steps.append(metrics)
             return
         if self.skip and not update:  # dropped in the graph (watch_updates)
             self.skipped.append(self.iteration)
@@ -119,39 +122,78 @@ class RunGuard:
 
     def on_disk(self) -> str:
         if self.saved_at is None:
-            return "No adapter was saved by this run."
-        return f"{self.adapter_file} holds the weights of iteration {self.saved_at}, intact."
+            text = "No adapter was saved by this run."
+        else:
+            text = (
+                f"{self.adapter_file} holds the weights of iteration {self.saved_at}, "
+                "intact."
+            )
+        if self.checkpoint is not None:
+            folder, iteration = self.checkpoint
+            text += (
+                f" The checkpoint {folder} holds the run at iteration {iteration}: "
+                "continue it with --resume (YAML: resume_from_checkpoint: true)."
+            )
+        return text
 
     @contextmanager
     def ctrl_c_between_steps(self):
-        """The first Ctrl-C ends the run before its next step; a second one at once.
+        """The first Ctrl-C (or SIGTERM) ends the run between two steps, after a
+        checkpoint; a second one at once.
 
         A KeyboardInterrupt raised wherever the interpreter happens to be can be lost (one
         that lands in a destructor is printed and dropped); a flag read between steps cannot.
         """
-        if (
-            threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-        ):
-            yield  # someone else handles Ctrl-C here
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signals reach the main thread only
             return
+        defaults = {
+            signal.SIGINT: signal.default_int_handler,
+            signal.SIGTERM: signal.SIG_DFL,
+        }
+        mine = [  # the signals nobody else handles here
+            n
+            for n, default in defaults.items()
+            if signal.getsignal(n) in (default, signal.SIG_DFL)
+        ]
+        saved = {n: signal.getsignal(n) for n in mine}
 
         def first(signum, frame):
             self.interrupted = True
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            for n in mine:
+                signal.signal(n, saved[n])
 
-        signal.signal(signal.SIGINT, first)
+        for n in mine:
+            signal.signal(n, first)
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            for n in mine:
+                signal.signal(n, saved[n])
 
-    def watch(self, batches):
-        """Pass mlx-lm's batches through, settling each finished step before the next."""
-        for batch in batches:
-            if self.interrupted:
-                raise KeyboardInterrupt
+    def _stop_asked(self) -> bool:
+        """Whether any rank was asked to stop (every rank then stops at the same step)."""
+        if self.ranks == 1:
+            return self.interrupted
+        asked = mx.array(int(self.interrupted))
+        return mx.distributed.all_sum(asked, stream=mx.cpu).item() > 0
+
+    def watch(self, batches, boundary=None):
+        """Pass mlx-lm's batches through, settling each finished step before the next batch
+        is drawn. ``boundary(iteration, stop)`` runs there (the checkpoints) and says
+        whether a requested stop happens now."""
+        batches = iter(batches)
+        while True:
             self.settle()
+            stop = self._stop_asked()
+            if boundary is not None:
+                stop = boundary(self.iteration, stop)
+            if stop:
+                raise KeyboardInterrupt
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
             self.iteration += 1  # the step about to run (and save)
             yield batch
 

@@ -17,11 +17,15 @@ from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
+import mlx.core as mx
+
 from .batching import (
     iterate_eval_batches,
     iterate_preference_batches,
     preference_dataset_of,
 )
+from .checkpoint import REFERENCE, find_checkpoint, random_states_kept, read_state
+from .config import ConfigError
 from .console import is_main_rank, log
 from .data import label_balance
 from .evaluation import evaluate_preference
@@ -31,6 +35,7 @@ from .metrics import METRICS_FILE, PreferenceReporter, shown_metrics
 from .objective import PreferenceLoss, metric_names
 from .precompute import model_fingerprint, precompute_reference
 from .reference import InitialAdapter, check_reference, resolve_reference
+from .resume import RunCheckpoints
 from .rewards import RewardError
 from .rollout import COMPLETIONS_FILE, Rollouts
 from .run import PreferenceRun, current_run, running
@@ -50,14 +55,30 @@ REFERENCE_NAMES = {
 
 
 class WatchedBatches:
-    """The training batch iterator, with the guard settling each step before the next.
-    Validation, which train() hands the same iterator, gets ``unwatched``."""
+    """The training batch iterator, with the guard settling each step before the next and
+    the run's checkpoints written between steps (the batches then on their own random
+    stream, see ``checkpoint.BatchStream``). Validation, which train() hands the same
+    iterator, gets ``unwatched``."""
 
-    def __init__(self, iterate_batches, guard):
+    def __init__(self, iterate_batches, guard, checkpoints=None):
         self.unwatched, self.guard = iterate_batches, guard
+        self.checkpoints = checkpoints
 
     def __call__(self, *args, **kwargs):
-        return self.guard.watch(self.unwatched(*args, **kwargs))
+        if self.checkpoints is None:
+            return self.guard.watch(self.unwatched(*args, **kwargs))
+        # Our iterators leave out the batches a resumed run already trained on without
+        # building them; another's are drawn and dropped.
+        skips = isinstance(self.unwatched, Rollouts) or (
+            getattr(self.unwatched, "func", None) is iterate_preference_batches
+        )
+
+        def make(skip):
+            extra = {"skip": skip} if skips else {}
+            return self.unwatched(*args, **kwargs, **extra)
+
+        stream = self.checkpoints.batches(make, skips)
+        return self.guard.watch(stream, self.checkpoints.at_boundary)
 
 
 @contextmanager
@@ -87,25 +108,57 @@ def training(a: dict, defaults: set):
             a["iterate_batches"] = partial(
                 iterate_preference_batches, prompt_sharing=run.options.prompt_sharing
             )
-        a["iterate_batches"] = WatchedBatches(a["iterate_batches"], run.guard)
+        a["iterate_batches"] = WatchedBatches(
+            a["iterate_batches"], run.guard, run.checkpoints
+        )
         a["training_callback"] = run.reporter
-        stop_watching = run.guard.start(a["optimizer"])
         tic = time.perf_counter()
         try:
-            with run.guard.ctrl_c_between_steps():
+            with guarded(run, a["optimizer"]):
                 yield run
-        except KeyboardInterrupt:
-            log(
-                f"Interrupted after iteration {run.guard.iteration}. {run.guard.on_disk()}"
-            )
-            raise
-        except (
-            RewardError
-        ) as e:  # the user's function: what it did, and what is on disk
+        except RewardError as e:  # the user's function: what it did, what is on disk
             raise RewardError(f"{e} {run.guard.on_disk()}") from None
         finally:
             run.train_seconds = time.perf_counter() - tic
-            stop_watching()
+
+
+@contextmanager
+def guarded(run: PreferenceRun, optimizer):
+    """mlx-lm's loop under the run's guard: each step checked, Ctrl-C and SIGTERM ending it
+    between steps (after a checkpoint), the last checkpoint written when it ends, and what
+    is on disk said when it stops."""
+    stop_watching = run.guard.start(optimizer)
+    try:
+        with run.guard.ctrl_c_between_steps():
+            yield
+        if run.checkpoints is not None:
+            run.checkpoints.finish(run.guard.iteration)
+    except KeyboardInterrupt:
+        log(f"Interrupted after iteration {run.guard.iteration}. {run.guard.on_disk()}")
+        raise
+    finally:
+        stop_watching()
+
+
+@contextmanager
+def sft_training(a: dict, run: PreferenceRun):
+    """An SFT run that asked for checkpoints (``save_only_model: false``, or resuming):
+    mlx-lm's own loss, batches and reports; the guard (non-finite steps stop it, Ctrl-C ends
+    it between steps) and the checkpoints of a preference run."""
+    model, training_args = a["model"], a["args"]
+    run.asked = run.options
+    resumed = _resumed(run.options, training_args)
+    run.guard = RunGuard(model, (), training_args.adapter_file)
+    run.checkpoints = RunCheckpoints(
+        run, model, a["optimizer"], training_args, run.identity, {"strategy": None}
+    )
+    if resumed:
+        _restore(run, resumed, training_args)
+    a["iterate_batches"] = WatchedBatches(
+        a["iterate_batches"], run.guard, run.checkpoints
+    )
+    with guarded(run, a["optimizer"]):
+        yield run
 
 
 def start_training(run: PreferenceRun, a: dict) -> None:
@@ -113,18 +166,31 @@ def start_training(run: PreferenceRun, a: dict) -> None:
     output layer in tiles (the probe), the reference (and its step-0 adapter or its
     precomputed log-probs), and set up the loss, the guard and the reporter."""
     model, training_args = a["model"], a["args"]
+    run.asked = run.options
+    resumed = _resumed(run.options, training_args)
     options = resolve_prompt_sharing(model, run.options, training_args.grad_checkpoint)
     if options.prompt_sharing != "false":
         log(f"prompt sharing: {SHARING_NAMES[options.prompt_sharing]}")
     options = resolve_head_chunks(model, options)
     layout = _announce_head(model, options)
-    initial = None
+    initial, reference = None, {"strategy": None}
     if options.needs_reference:
-        options = options.replace(reference=resolve_reference(model, options.reference))
+        if resumed:  # the run's own, whatever the model holds now
+            strategy = resumed[1]["reference"]["strategy"]
+        else:
+            strategy = resolve_reference(model, options.reference)
+        options = options.replace(reference=strategy)
         check_reference(model, options)
         if options.reference == "initial_adapter":
-            initial = InitialAdapter(model)
-        log(f"{options.method} reference: {REFERENCE_NAMES[options.reference]}")
+            saved = None
+            if resumed:
+                saved = mx.load(str(resumed[0] / REFERENCE))
+            elif run.reference_file:  # the reference of the run it continues
+                saved = mx.load(run.reference_file)
+            initial = InitialAdapter(model, saved)
+        reference["strategy"] = options.reference
+        where = " (the checkpoint's)" if resumed else ""
+        log(f"{options.method} reference: {REFERENCE_NAMES[options.reference]}{where}")
     datasets = [
         preference_dataset_of(d) for d in (a["train_dataset"], a["val_dataset"]) if d
     ]
@@ -133,9 +199,15 @@ def start_training(run: PreferenceRun, a: dict) -> None:
             log(line)
     datasets += [d for d in run.scored_alike if d not in datasets]
     if options.reference == "precomputed":
-        run.scored = _precompute(model, datasets, options, training_args)
+        if resumed:
+            reference["model_hash"] = resumed[1]["reference"]["model_hash"]
+        else:
+            reference["model_hash"] = model_fingerprint(model)
+        run.scored = _precompute(
+            model, datasets, options, training_args, reference["model_hash"], resumed
+        )
     metrics_path = Path(training_args.adapter_file).parent / METRICS_FILE
-    if is_main_rank():
+    if is_main_rank() and not resumed:
         # A training run starts its own record, as it overwrites adapters.safetensors.
         metrics_path.unlink(missing_ok=True)
     names = metric_names(options)
@@ -161,10 +233,48 @@ def start_training(run: PreferenceRun, a: dict) -> None:
             initial,
             metrics_path.parent / COMPLETIONS_FILE if options.log_completions else None,
         )
-        if is_main_rank():
+        if is_main_rank() and not resumed:
             (metrics_path.parent / COMPLETIONS_FILE).unlink(missing_ok=True)
         if options.log_completions:
             run.reporter.samples = partial(_samples, run.rollouts, options)
+    if options.writes_checkpoints:
+        run.checkpoints = RunCheckpoints(
+            run, model, a["optimizer"], training_args, run.identity, reference, initial
+        )
+    if resumed:
+        _restore(run, resumed, training_args)
+
+
+def _restore(run, resumed, training_args):
+    folder, state = resumed
+    run.checkpoints.restore(folder)
+    run.loop_start = state["iteration"] + 1
+    log(
+        f"resuming {folder}: iteration {state['iteration']} of {training_args.iters} "
+        "done; weights, optimizer state, learning-rate schedule, data position and "
+        "random states restored."
+    )
+
+
+def _resumed(options, training_args):
+    """``(folder, state)`` of the checkpoint a resumed run continues, else None."""
+    if not options.resume_from_checkpoint:
+        return None
+    if not options.writes_checkpoints:
+        raise ConfigError(
+            "resume_from_checkpoint with save_only_model: a resumed run writes "
+            "checkpoints; remove save_only_model."
+        )
+    adapter_path = Path(training_args.adapter_file).parent
+    folder = find_checkpoint(options.resume_from_checkpoint, adapter_path)
+    state = read_state(folder)
+    if state["iteration"] >= training_args.iters:
+        raise ConfigError(
+            f"resume_from_checkpoint {folder}: the run is at iteration "
+            f"{state['iteration']} and iters is {training_args.iters}: nothing is left "
+            "to train; raise iters to train on."
+        )
+    return folder, state
 
 
 def _announce_head(model, options) -> str:
@@ -178,9 +288,9 @@ def _announce_head(model, options) -> str:
     return layout
 
 
-def _precompute(model, datasets, options, training_args) -> list:
-    """``(dataset, the same with its reference log-probs)`` for each of ``datasets``."""
-    model_hash = model_fingerprint(model)
+def _precompute(model, datasets, options, training_args, model_hash, resumed) -> list:
+    """``(dataset, the same with its reference log-probs)`` for each of ``datasets``
+    (a resumed run's from the cache only: its model is no longer the reference)."""
     scored = []
     for dataset in datasets:
         with_reference, status = precompute_reference(
@@ -190,6 +300,7 @@ def _precompute(model, datasets, options, training_args) -> list:
             training_args.batch_size,
             training_args.max_seq_length,
             model_hash,
+            cached_only=resumed[0] if resumed else None,
         )
         log(f"reference log-probs of {dataset.source}: {status}")
         scored.append((dataset, with_reference))
@@ -225,6 +336,14 @@ def _rollouts_for(run, model, options):
     if run is not None and run.rollouts is not None:
         return run.rollouts
     return Rollouts(model, options, reward_functions(options))
+
+
+def random_states_kept_by(run):
+    """Validation leaves a checkpointed run's random states as they were (see
+    ``checkpoint.random_states_kept``)."""
+    if run is None or run.checkpoints is None:
+        return nullcontext()
+    return random_states_kept()
 
 
 def evaluation(a: dict, defaults: set, upstream):

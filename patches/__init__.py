@@ -10,6 +10,7 @@ Activation checks the installed mlx-lm against the supported range first
 (``mlx_lm_pref.compat``, which holds every difference between the supported releases).
 """
 
+import builtins
 import importlib
 import logging
 import sys
@@ -55,6 +56,8 @@ def function_wrapper(wrapper):
 
 
 _state = {"active": False, "hooks": False}
+# The original of a row whose attribute the module did not have (a builtin it looked up).
+ABSENT = object()
 # (module, attribute) -> (original, replacement), in the order applied.
 _applied = {}
 
@@ -66,15 +69,19 @@ def _patch_module(module) -> None:
         key = (module.__name__, attribute)
         if key in _applied:
             continue
-        current = getattr(module, attribute)
+        if attribute in vars(module):
+            current = getattr(module, attribute)
+        else:  # a builtin the module looks up: shadowed here, removed by revert()
+            current = getattr(builtins, attribute)
         # A module that imported a name from an already-patched module holds our wrapper:
         # wrap the original beneath it instead, so nothing is wrapped twice and revert()
         # puts the original back here too.
         while isinstance(current, PreferenceWrapper):
             current = current.__wrapped__
         replacement = make(current)
+        original = current if attribute in vars(module) else ABSENT
         setattr(module, attribute, replacement)
-        _applied[key] = (current, replacement)
+        _applied[key] = (original, replacement)
 
 
 def apply() -> bool:
@@ -102,7 +109,9 @@ def revert() -> None:
     _state["active"] = False
     for (name, attribute), (original, replacement) in reversed(list(_applied.items())):
         module = sys.modules[name]
-        if getattr(module, attribute) is replacement:
+        if vars(module).get(attribute) is replacement and original is ABSENT:
+            delattr(module, attribute)
+        elif vars(module).get(attribute) is replacement:
             setattr(module, attribute, original)
         else:
             logger.warning(

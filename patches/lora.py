@@ -66,13 +66,23 @@ def build_parser(wrapped, instance, args, kwargs):
 def run(wrapped, instance, args, kwargs):
     ns = kwargs["args"] if "args" in kwargs else args[0]
     options = gate.check(ns)
+    if not options.is_preference and options.writes_checkpoints:
+        # SFT with checkpoints (asked for): upstream's run, its train() in a checkpointed
+        # session (patches/trainer.py)
+        with running(PreferenceRun(options, identity=gate.run_identity(ns))):
+            return wrapped(*args, **kwargs)
     if not options.is_preference:
         # An SFT run stays upstream's byte for byte, adapter_config.json included.
         for name in config_defaults():
             if hasattr(ns, name):
                 delattr(ns, name)
         return wrapped(*args, **kwargs)
-    with running(PreferenceRun(options)) as preference_run, plain_console():
+    preference_run = PreferenceRun(
+        options,
+        identity=gate.run_identity(ns),
+        reference_file=getattr(ns, "reference_adapter_file", None),
+    )
+    with running(preference_run), plain_console():
         preference_run.splits = gate.load_datasets(ns)
         test_set = preference_dataset_of(preference_run.splits[2])
         if ns.test and test_set is not None:

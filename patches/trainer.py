@@ -43,6 +43,18 @@ def iterate_batches(wrapped, instance, args, kwargs):
     return wrapped(*args, **kwargs)
 
 
+def loop_range(wrapped, instance, args, kwargs):
+    # mlx-lm's loop counts ``for it in range(1, args.iters + 1)``; a resumed run's count
+    # starts after its checkpoint, so its evaluation, report, save and accumulation cadence,
+    # checkpoint names and printed iterations are the interrupted run's. Once per run; every
+    # other range in the module is upstream's.
+    run = current_run()
+    if run is not None and run.loop_start and len(args) == 2 and args[0] == 1:
+        start, run.loop_start = run.loop_start, None
+        return wrapped(start, args[1])
+    return wrapped(*args, **kwargs)
+
+
 def _bind(wrapped, args, kwargs):
     signature = inspect.signature(wrapped)
     bound = signature.bind(*args, **kwargs)
@@ -66,15 +78,27 @@ def _defaults(bound, signature) -> set:
 def train(wrapped, instance, args, kwargs):
     bound, signature = _bind(wrapped, args, kwargs)
     if preference_dataset_of(bound.arguments["train_dataset"]) is None:
+        run = current_run()
+        if run is not None and run.options.writes_checkpoints:  # SFT, checkpointed
+            with session.sft_training(bound.arguments, run):
+                return wrapped(*bound.args, **bound.kwargs)
         return wrapped(*args, **kwargs)
     with session.training(bound.arguments, _defaults(bound, signature)):
         return wrapped(*bound.args, **bound.kwargs)
 
 
 def evaluate(wrapped, instance, args, kwargs):
+    with session.random_states_kept_by(current_run()):
+        return _evaluate(wrapped, args, kwargs)
+
+
+def _evaluate(wrapped, args, kwargs):
     bound, signature = _bind(wrapped, args, kwargs)
     if preference_dataset_of(bound.arguments["dataset"]) is None:
-        return wrapped(*args, **kwargs)
+        # a checkpointed SFT run's validation: the batches, not the watched steps
+        batches = bound.arguments["iterate_batches"]
+        bound.arguments["iterate_batches"] = getattr(batches, "unwatched", batches)
+        return wrapped(*bound.args, **bound.kwargs)
     return session.evaluation(
         bound.arguments,
         _defaults(bound, signature),
@@ -89,4 +113,5 @@ PATCHES = [
     ("evaluate", function_wrapper(evaluate)),
     # train() saves with mx.save_safetensors looked up here: atomic, finite-only saves.
     ("mx", SafeSaveModule),
+    ("range", function_wrapper(loop_range)),
 ]

@@ -19,15 +19,26 @@ def pairs_of(case: dict, names) -> set:
     return {((a, case[a]), (b, case[b])) for a, b in itertools.combinations(names, 2)}
 
 
-def _completion(partial: dict, factors: dict, valid, rng) -> dict:
-    """A valid case extending ``partial`` (depth-first over the remaining factors), or
-    None."""
+def _decided(valid, partial: dict):
+    """``valid(partial)`` where it reads only the factors ``partial`` has (then every
+    completion of it is alike), else None."""
+    try:
+        return valid(partial)
+    except KeyError:
+        return None
+
+
+def _completion(partial: dict, factors: dict, valid, rng, prune=True) -> dict:
+    """A valid case extending ``partial`` (depth-first over the remaining factors; with
+    ``prune``, a branch is cut where ``partial`` already decides it), or None."""
     rest = [n for n in factors if n not in partial]
     if not rest:
         return dict(partial) if valid(partial) else None
+    if prune and _decided(valid, partial) is False:
+        return None
     name = rest[0]
     for value in rng.sample(factors[name], len(factors[name])):
-        case = _completion({**partial, name: value}, factors, valid, rng)
+        case = _completion({**partial, name: value}, factors, valid, rng, prune)
         if case is not None:
             return case
     return None
@@ -39,8 +50,12 @@ def coverable_pairs(factors: dict, valid) -> set:
     return {p for p in all_pairs(factors) if _completion(dict(p), factors, valid, rng)}
 
 
-def covering(factors: dict, valid=lambda case: True, seed=0, tries=30) -> list:
-    """Cases (dicts factor -> value), every one valid, covering every coverable pair."""
+def covering(
+    factors: dict, valid=lambda case: True, seed=0, tries=30, prune=False
+) -> list:
+    """Cases (dicts factor -> value), every one valid, covering every coverable pair.
+    ``prune``: cut the search where a partial case is already refused (far faster where
+    many pairs are; the random draws differ, so the design does too)."""
     rng = random.Random(seed)
     names = list(factors)
     todo = coverable_pairs(factors, valid)
@@ -63,7 +78,7 @@ def covering(factors: dict, valid=lambda case: True, seed=0, tries=30) -> list:
                     scored.append((new, rng.random(), value))
                 for _, _, value in sorted(scored, reverse=True):
                     trial = {**case, name: value}
-                    if _completion(trial, factors, valid, rng) is not None:
+                    if _completion(trial, factors, valid, rng, prune) is not None:
                         case = trial
                         break
             case = {n: case[n] for n in names}

@@ -64,6 +64,9 @@ FACTORS = {
     # the command: ours, or plain mlx_lm.lora patched by the start-up hook
     "entry": ["mlx_lm_pref.lora", "mlx_lm.lora"],
     "report": ["compact", "all"],  # report_metrics: what the report lines show
+    # checkpoints: every one kept; the newest one (save_every 1, save_total_limit 1); none
+    # (save_only_model); or the run trained in two halves, the second --resume'd
+    "save": ["all", "limit", "model_only", "resumed"],
 }
 # What the product refuses, one pair of values each, and the line that says so.
 REFUSED = [
@@ -102,7 +105,7 @@ def valid(case) -> bool:
     return not (case["checkpoint"] and case["sharing"] == "true")
 
 
-CASES = covering(FACTORS, valid, seed=0)
+CASES = covering(FACTORS, valid, seed=1, prune=True)
 # Float32 noise (helpers.NOISE), measured over this design with OpenBLAS and with mlx's
 # bundled BLAS: metrics up to 1.6e-4 relative (2.3e-5 absolute: IPO's rewards/margins, a
 # difference of two log-ratios of ~65 nats each), adapter entries up to 4e-5 of the tensor's
@@ -116,7 +119,10 @@ TOLERANCE = NOISE
 # changed (case ipo-precomputed-...-implicit: the whole logits with OpenBLAS -0.126123, with
 # mlx's BLAS -0.125885; tiles of 64 / 128 / 256 rows -0.125994 / -0.126110 / -0.125904), from
 # adapters 3e-5 apart after two steps towards IPO's target of 5.
-IPO_TOLERANCE = dict(rel=NOISE["rel"], abs=5e-4)
+# Case ipo-precomputed-false-short-lora-hf2-multiturn (accumulation 2, tiles of 64): the test
+# split's rewards/chosen -0.059480 against -0.058918 for one batch of 4 pairs (5.6e-4; the
+# same case trained in one go and resumed half-way are bit-identical).
+IPO_TOLERANCE = dict(rel=NOISE["rel"], abs=1e-3)
 # IPO's adapters after accumulating two micro-batches vs one batch of both: 4.6e-4 and 4.9e-4
 # of the largest entry (case ipo-auto-auto-long-..., mlx 0.32.4 with OpenBLAS; the same with
 # the code before the vocabulary-blocked reductions), against 4e-5 for the other losses: its
@@ -192,6 +198,7 @@ def twin_of(case) -> dict:
     the sft term) weighs the two batches' tokens otherwise (``test_scale`` checks those
     on data of equal lengths)."""
     twin = dict(case, checkpoint=False, entry="mlx_lm_pref.lora", report="compact")
+    twin["save"] = "all"
     if case["head"] == "64":
         twin["head"] = "0"
     if case["sharing"] == "true" or case["prompts"] == "long":
@@ -263,6 +270,10 @@ def command(case, root) -> list:
         args += ["--reference", case["reference"]]
     if case["checkpoint"]:
         args.append("--grad-checkpoint")
+    if case["save"] == "limit":
+        args += ["--save-every", 1, "--save-total-limit", 1]
+    if case["save"] == "model_only":
+        args.append("--save-only-model")
     if case["test"]:
         args.append("--test")
     folders = write_case_data(root, case)
@@ -313,6 +324,8 @@ def collect(root, code, stdout, stderr):
     result = {"returncode": code, "stdout": stdout, "stderr": stderr}
     if code == 0:
         result["metrics"] = read_metrics(out)
+        folders = (out / "checkpoints").glob("[0-9]*")
+        result["checkpoints"] = sorted(int(p.name) for p in folders)
         result["adapter"] = {
             k: np.array(v)
             for k, v in mx.load(str(out / "adapters.safetensors")).items()
@@ -322,13 +335,28 @@ def collect(root, code, stdout, stderr):
 
 def run_group(group):
     """``[(key, case, root)]`` in one interpreter, one after another."""
-    jobs = []
+    jobs, last = [], []
     for _, case, root in group:
         root.mkdir(parents=True, exist_ok=True)
         env = {"MLX_LM_PREF_CACHE": str(root / "c")}
-        jobs.append((command(case, root)[1:], root, env, case["entry"]))
+        for args in halves(case, command(case, root)[1:]):
+            jobs.append((args, root, env, case["entry"]))
+        last.append(len(jobs) - 1)
     results = run_cli_many(jobs)
-    return {key: collect(root, *r) for (key, _, root), r in zip(group, results)}
+    return {key: collect(root, *results[i]) for (key, _, root), i in zip(group, last)}
+
+
+def halves(case, args) -> list:
+    """A case's runs: itself, or (save: resumed) its first half, then the whole resumed
+    from that half's checkpoint (which holds the weights --resume-adapter-file gave)."""
+    if case["save"] != "resumed":
+        return [args]
+    at = args.index("--iters") + 1
+    first = args[:at] + [args[at] // 2] + args[at + 1 :]
+    if "--resume-adapter-file" in args:
+        k = args.index("--resume-adapter-file")
+        args = args[:k] + args[k + 2 :]
+    return [first, args + ["--resume"]]
 
 
 def run_distributed(case, root):
@@ -336,15 +364,16 @@ def run_distributed(case, root):
 
     root.mkdir(parents=True, exist_ok=True)
     args = command(case, root)
-    proc = subprocess.run(
-        launch_prefix(RANKS, case["entry"]) + [str(a) for a in args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=root,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-             "MLX_LM_PREF_CACHE": str(root / "c")},
-    )  # fmt: skip
+    for run in halves(case, args[1:]):
+        proc = subprocess.run(
+            launch_prefix(RANKS, case["entry"]) + [str(a) for a in [args[0], *run]],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=root,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                 "MLX_LM_PREF_CACHE": str(root / "c")},
+        )  # fmt: skip
     result = collect(root, proc.returncode, proc.stdout, proc.stderr)
     return {key_of(case) + "@2": result}
 
@@ -413,7 +442,7 @@ def distributed_cases():
 PLAIN = dict(loss="sigmoid", reference="auto", sharing="auto", prompts="short")
 PLAIN |= dict(fine_tune="lora", source="local", rows="standard", checkpoint=False)
 PLAIN |= dict(accumulate=1, test=False, head="auto", entry="mlx_lm_pref.lora")
-PLAIN |= dict(report="compact")
+PLAIN |= dict(report="compact", save="all")
 
 
 def refused_case(bad):
@@ -497,6 +526,23 @@ def test_case_trains_and_equals_its_twin(outcomes, case):
     # the report lines show every metric only with report_metrics: all
     unshown = "clip_ratio/low_min " if case["loss"] in RL_LOSSES else "logps/chosen "
     assert (unshown in result["stdout"]) == (case["report"] == "all")
+    iters = 2 * case["accumulate"]
+    if case["save"] == "resumed":
+        n = iters // 2
+        assert f"checkpoints/{n:07d}: iteration {n} of {iters} done" in result["stdout"]
+        # the first half's own last validation (after iteration n - 1) stays in the record
+        metrics[:] = [
+            m
+            for m in metrics
+            if m["split"] != "val" or m["iteration"] != n - 1 or n == 1
+        ]
+    checkpoints = {
+        "all": [iters],
+        "limit": [iters],
+        "model_only": [],
+        "resumed": [iters // 2, iters],
+    }
+    assert result["checkpoints"] == checkpoints[case["save"]], result["checkpoints"]
     twin = twin_of(case)
     if key_of(twin) != key_of(case):
         other = outcomes[key_of(twin)]

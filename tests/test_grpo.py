@@ -76,7 +76,9 @@ def test_the_reward_rises(tiny_model, tmp_path, loss_type):
     # does not)
     later = rewards[1:]
     assert rewards[0] < -13, rewards
-    assert max(later) > rewards[0] + 3 and sum(later) / len(later) > rewards[0] + 2, rewards
+    assert (
+        max(later) > rewards[0] + 3 and sum(later) / len(later) > rewards[0] + 2
+    ), rewards
     assert train[-1]["rewards/brevity/mean"] == train[-1]["reward"]
 
 
@@ -93,7 +95,9 @@ def test_a_failing_reward_function_is_one_line(tiny_model, tmp_path):
     assert lines == [
         "mlx_lm_pref: error: reward function 'flaky' raised KeyError (rewards.py:9) at "
         f"generation batch 3: 'answer'. {out / 'adapters.safetensors'} holds the weights "
-        "of iteration 2, intact."
+        f"of iteration 2, intact. The checkpoint {out / 'checkpoints' / '0000002'} holds "
+        "the run at iteration 2: continue it with --resume (YAML: resume_from_checkpoint: "
+        "true)."
     ]
     load(tiny_model, adapter_path=str(out))  # the adapter loads
 

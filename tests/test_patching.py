@@ -45,9 +45,15 @@ def test_import_before_mlx_lm():
         from mlx_lm_pref.patches import PreferenceWrapper, applied
         import mlx_lm.lora
         now = snapshot()
-        assert len(applied()) == len(now) == 18, applied().keys()
+        assert len(applied()) == len(now) + 1 == 19, applied().keys()
         for key, obj in now.items():
             assert applied()[".".join(key)][1] is obj, key
+        # the loop's range, which the trainer module looked up among the builtins
+        import builtins, mlx_lm.tuner.trainer as trainer
+        from mlx_lm_pref import patches
+        assert applied()["mlx_lm.tuner.trainer.range"][0] is patches.ABSENT
+        assert trainer.range.__wrapped__ is builtins.range
+        assert list(trainer.range(1, 4)) == [1, 2, 3]
         assert "loss_type" in mlx_lm.lora.build_parser().parse_args(["--loss-type", "dpo"]).__dict__
         assert mlx_lm.lora.CONFIG_DEFAULTS["loss_type"] == "sft"
         print("ok")
@@ -77,6 +83,7 @@ def test_import_after_mlx_lm_then_unpatch_and_reapply():
         restored = snapshot()
         for key in originals:
             assert restored[key] is originals[key], key
+        assert "range" not in vars(mlx_lm.tuner.trainer)  # the builtin again
         assert "loss_type" not in mlx_lm.lora.CONFIG_DEFAULTS
 
         assert mlx_lm_pref.patch() is True

@@ -51,6 +51,9 @@ def test_non_finite_update_stops_and_keeps_the_last_good_adapter(tiny_model, tmp
     saved = (out / "adapters.safetensors").read_bytes()
     assert saved == (out / "0000001_adapters.safetensors").read_bytes()
     assert not (out / "0000002_adapters.safetensors").exists()
+    # the last good checkpoint, named; none of the step that was not finite
+    assert "checkpoints/0000001 holds the run at iteration 1" in proc.stderr
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["0000001"]
     weights = mx.load(str(out / "adapters.safetensors"))
     assert all(mx.all(mx.isfinite(v)).item() for v in weights.values())
 
