@@ -137,3 +137,16 @@ def test_unsupported_mlx_lm_version_patches_nothing(mlx_lm_release):
     )
     assert "supports mlx-lm >=0.28.4,<0.33 but found mlx-lm 0.27.1" in out
     assert "nothing was patched" in out
+
+
+@pytest.mark.smoke
+def test_every_supported_training_loop_can_start_mid_way():
+    """A resumed run starts mlx-lm's loop after its checkpoint by the loop's count
+    (``patches/trainer.py``'s range): the release installed counts it that way."""
+    out = run_python("""
+        import mlx_lm_pref
+        from mlx_lm_pref.compat import resumable_loop
+        assert resumable_loop()
+        print("ok")
+    """)
+    assert "ok" in out
