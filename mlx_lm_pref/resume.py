@@ -39,6 +39,8 @@ from .checkpoint import (
 )
 from .config import ConfigError
 from .console import is_main_rank, log
+from .metrics import METRICS_FILE
+from .rollout import COMPLETIONS_FILE
 
 
 def step_unit(options, training_args) -> int:
@@ -217,8 +219,6 @@ def keep_records(adapter_path: Path, iteration: int, generations: int) -> None:
     """``metrics.jsonl`` and ``completions.jsonl`` as they were at the checkpoint: the
     records of the steps after it (and the validation run right after it) are dropped, so a
     resumed run appends each iteration once."""
-    from .metrics import METRICS_FILE
-    from .rollout import COMPLETIONS_FILE
 
     def kept(record):
         if "generation" in record:
