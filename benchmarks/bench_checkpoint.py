@@ -44,7 +44,7 @@ def measure(model_path, full, repeats):
     from mlx_lm_pref.checkpoint import (
         ADAPTERS,
         OPTIMIZER,
-        RANDOM,
+        RANK_STATE,
         optimizer_arrays,
         rank_state,
         write_checkpoint,
@@ -77,7 +77,7 @@ def measure(model_path, full, repeats):
             files = {
                 ADAPTERS: dict(tree_flatten(model.trainable_parameters())),
                 OPTIMIZER: optimizer_arrays(optimizer),
-                RANDOM: {
+                RANK_STATE: {
                     k: mx.array(v)
                     for k, v in rank_state(None, mx.zeros((0, 1, 2)), 1).items()
                 },

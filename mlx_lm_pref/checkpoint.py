@@ -6,9 +6,9 @@ A checkpoint is a folder ``<adapter_path>/checkpoints/NNNNNNN/``, beside mlx-lm'
 - ``adapters.safetensors``: the trainable parameters, as mlx-lm saves them;
 - ``optimizer.safetensors``: ``optimizer.state`` flattened (moments, the step count, which is
   the learning-rate schedule's position, and the learning rate);
-- ``random.safetensors``: per rank, mlx's random key, numpy's global state and the state the
-  batch stream started from (``BatchStream``), and the guard's metrics of the steps since the
-  last report;
+- ``rank_state.safetensors``: per rank, mlx's random key, numpy's global state and the
+  state the batch stream started from (``BatchStream``), and the guard's metrics of the steps
+  since the last report;
 - ``reference.safetensors``: ``reference: initial_adapter``'s step-0 adapter tensors;
 - ``trainer_state.json``: the iteration, the batches drawn, token counts, the reference (its
   strategy, and for ``precomputed`` the cache key of the model it scored), the options.
@@ -21,6 +21,7 @@ mlx's random key cannot be assigned, but ``mx.random.seed`` with a 64-bit intege
 to that integer's two 32-bit halves, so the key round-trips exactly.
 """
 
+import hashlib
 import json
 import os
 import re
@@ -40,7 +41,7 @@ CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"  # TRL's name for the same record
 ADAPTERS = "adapters.safetensors"
 OPTIMIZER = "optimizer.safetensors"
-RANDOM = "random.safetensors"
+RANK_STATE = "rank_state.safetensors"
 REFERENCE = "reference.safetensors"
 NAME = re.compile(r"^\d{7}$")
 
@@ -149,7 +150,7 @@ def differences(saved: dict, now: dict) -> list:
     ]
 
 
-def refuse_differences(folder, saved: dict, now: dict, what="options") -> None:
+def refuse_differences(folder, saved: dict, now: dict) -> None:
     changed = differences(saved, now)
     if not changed:
         return
@@ -157,7 +158,7 @@ def refuse_differences(folder, saved: dict, now: dict, what="options") -> None:
         f"{n} {_short(now[n])} (the checkpoint: {_short(saved[n])})" for n in changed
     )
     raise ConfigError(
-        f"resume_from_checkpoint {folder}: these {what} differ from the run it holds: "
+        f"resume_from_checkpoint {folder}: these options differ from the run it holds: "
         f"{shown}. Resume with the run's own, or start a new run (--resume-adapter-file "
         f"{Path(folder) / ADAPTERS} starts from its weights)."
     )
@@ -168,18 +169,13 @@ def _short(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def file_fingerprint(paths) -> Optional[str]:
-    """A hash of the bytes of the files that exist among ``paths`` (None if none do)."""
-    import hashlib
-
-    h, found = hashlib.blake2b(digest_size=16), False
-    for path in paths:
-        if Path(path).is_file():
-            found = True
-            with open(path, "rb") as fid:
-                for block in iter(lambda: fid.read(1 << 20), b""):
-                    h.update(block)
-    return h.hexdigest() if found else None
+def file_fingerprint(path) -> str:
+    """A hash of the file's bytes."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fid:
+        for block in iter(lambda: fid.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 # ---- random states ----
@@ -353,5 +349,5 @@ def load_optimizer_state(folder) -> dict:
 def load_rank_state(folder, rank: int) -> dict:
     """This rank's row of the checkpoint's per-rank arrays, as numpy."""
     return {
-        k: np.array(v[rank]) for k, v in mx.load(str(Path(folder) / RANDOM)).items()
+        k: np.array(v[rank]) for k, v in mx.load(str(Path(folder) / RANK_STATE)).items()
     }

@@ -154,14 +154,18 @@ def check(ns) -> PreferenceArgs:
 
 def run_identity(ns) -> dict:
     """What a checkpoint records of an ``mlx_lm.lora`` run besides the preference options,
-    for a resumed run to be compared with: every option as given, and a fingerprint of the
-    training rows (a local train.jsonl's bytes)."""
+    for a resumed run to be compared with: every option as given, and the training rows:
+    a local train.jsonl's bytes (its folder may move), else the Hugging Face dataset's
+    name (``hf_dataset`` entries are among the options)."""
     args = json.loads(json.dumps(vars(ns), default=str))
-    train = Path(ns.data) / "train.jsonl" if getattr(ns, "data", None) else None
-    fingerprint = None
-    if train is not None and not getattr(ns, "hf_dataset", None):
-        fingerprint = file_fingerprint([train])
-    return {"args": args, "train_data": fingerprint}
+    train = Path(ns.data or "") / "train.jsonl"
+    if getattr(ns, "hf_dataset", None):
+        rows = None
+    elif train.is_file():
+        rows = file_fingerprint(train)
+    else:
+        rows = f"data {ns.data}"
+    return {"args": args, "train_data": rows}
 
 
 def check_resume(options, ns) -> PreferenceArgs:
@@ -196,8 +200,9 @@ def check_resume(options, ns) -> PreferenceArgs:
     if state.get("train_data") != now["train_data"]:
         raise ConfigError(
             f"resume_from_checkpoint {folder}: the training data differ from the run it "
-            f"holds ({Path(ns.data) / 'train.jsonl'} changed): its data position would "
-            "point elsewhere. Resume with the run's data, or start a new run."
+            f"holds (--data {ns.data}: its train.jsonl or name changed): its data "
+            "position would point elsewhere. Resume with the run's data, or start a new "
+            "run."
         )
     if state["iteration"] >= ns.iters:
         raise ConfigError(

@@ -22,7 +22,7 @@ from mlx.utils import tree_flatten
 from .checkpoint import (
     ADAPTERS,
     OPTIMIZER,
-    RANDOM,
+    RANK_STATE,
     REFERENCE,
     BatchStream,
     checkpoint_folder,
@@ -129,7 +129,7 @@ class RunCheckpoints:
         files = {
             ADAPTERS: dict(tree_flatten(self.model.trainable_parameters())),
             OPTIMIZER: optimizer_arrays(self.optimizer),
-            RANDOM: {k: mx.array(v) for k, v in per_rank.items()},
+            RANK_STATE: {k: mx.array(v) for k, v in per_rank.items()},
         }
         if self.initial is not None:
             files[REFERENCE] = self.initial.arrays(self.model)

@@ -211,7 +211,7 @@ def test_checkpoint_holds_the_run(resumed):
     assert (
         adapters.keys() == load(root / "half" / "0000004_adapters.safetensors").keys()
     )
-    random = mx.load(str(folder / "random.safetensors"))
+    random = mx.load(str(folder / "rank_state.safetensors"))
     assert random["mlx_key"].shape == (1, 2) and random["numpy"].shape == (1, 628)
 
 
@@ -266,7 +266,7 @@ def test_an_interrupted_run_resumed_equals_the_uninterrupted_one(
     assert len(saved) == 1, out[-2000:]  # the one Ctrl-C wrote (save_every is 1000)
     at = int(saved[0].name)
     assert at % 2 == 0 and at < 40  # a whole optimizer step, mid-run
-    pending = mx.load(str(saved[0] / "random.safetensors")).get("pending")
+    pending = mx.load(str(saved[0] / "rank_state.safetensors")).get("pending")
     assert (pending is not None) == (at % 3 != 0), at
     assert f"checkpoints/{at:07d} holds the run at iteration {at}" in out
     assert "--resume" in out
@@ -411,6 +411,37 @@ def test_continuing_a_dpo_adapter_keeps_its_reference(tiny_model, tmp_path):
     assert config["reference"] == "adapters_off"
 
 
+def test_continuing_dpo_after_sft_keeps_the_sft_adapter_as_reference(
+    tiny_model, tmp_path
+):
+    """SFT, then DPO from its adapter (the reference: first validation loss log 2), then
+    DPO continued from that run's checkpoint file: the reference stays the SFT adapter,
+    read from its file (not the checkpoint: the loss is no longer log 2), and is recorded
+    for the next continuation."""
+    write_data(tmp_path / "data", n_train=24, n_valid=4, n_test=4)
+    rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in make_rows(8, 5)]
+    for split in ("train", "valid"):
+        write_jsonl(tmp_path / "sft" / f"{split}.jsonl", rows)
+    common = ["--train", "--batch-size", "2", "--num-layers", "2", "--iters", "4"]
+    common += ["--save-every", "2", "--steps-per-report", "2", "--val-batches", "1"]
+    common += ["--learning-rate", "1e-3"]
+    lora(tiny_model, "sft", "s", *common, cwd=tmp_path)
+    lora(
+        tiny_model, "data", "d1", *common, "--loss-type", "dpo",
+        "--resume-adapter-file", "s/adapters.safetensors", cwd=tmp_path,
+    )  # fmt: skip
+    assert read_metrics(tmp_path / "d1")[0]["loss"] == pytest.approx(np.log(2))
+    proc = lora(
+        tiny_model, "data", "d2", *common, "--loss-type", "dpo",
+        "--resume-adapter-file", "d1/0000002_adapters.safetensors", cwd=tmp_path,
+    )  # fmt: skip
+    assert "reference: initial_adapter from s/adapters.safetensors" in proc.stdout
+    assert abs(read_metrics(tmp_path / "d2")[0]["loss"] - np.log(2)) > 1e-3
+    config = json.loads((tmp_path / "d2" / "adapter_config.json").read_text())
+    assert config["reference"] == "initial_adapter"
+    assert config["reference_adapter_file"] == "s/adapters.safetensors"
+
+
 @pytest.mark.numerics
 def test_two_ranks_resume_as_they_ran(tiny_model, tmp_path):
     """2 ranks: rank 0 writes, every rank restores its own random state and data place."""
@@ -435,7 +466,7 @@ def test_two_ranks_resume_as_they_ran(tiny_model, tmp_path):
     ):
         proc = launch(*args)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    random = mx.load(str(tmp_path / "half/checkpoints/0000004/random.safetensors"))
+    random = mx.load(str(tmp_path / "half/checkpoints/0000004/rank_state.safetensors"))
     assert random["numpy"].shape == (2, 628)  # each rank's own
     assert_same_adapters(
         tmp_path / "once" / "adapters.safetensors",
