@@ -220,7 +220,12 @@ def test_tiles_need_a_fraction_of_the_memory(trains):
         base = mx.get_active_memory()
         mx.eval(step(model, batch))
         peaks[chunk] = mx.get_peak_memory() - base
-    assert peaks["auto"] < 0.3 * peaks["0"], peaks
+    # The whole path holds at least the logits and their gradient; above that its peak
+    # depends on the machine's evaluation order (543 MB in CI, 810 MB on a 2-core box),
+    # so the tiles are measured against that floor, not against the whole path's peak.
+    whole = 2 * tokens.size * 131072 * 4
+    assert peaks["0"] >= whole, peaks
+    assert peaks["auto"] < 0.35 * whole, peaks  # 140 MB, tied 168 MB: under a third
 
 
 def test_models_it_cannot_serve_keep_the_whole_logits(capsys):
