@@ -2,7 +2,7 @@
 
 import sys
 
-COMMANDS = ("lora", "demo")
+COMMANDS = ("lora", "demo", "evaluate")
 
 
 def lora():
@@ -19,8 +19,12 @@ def main():
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
         print(
             f"usage: mlx_lm_pref {{{','.join(COMMANDS)}}} [options]\n"
-            "  lora   mlx_lm.lora with --loss-type dpo|orpo (see mlx_lm_pref lora --help)\n"
-            "  demo   DPO/ORPO end to end on a built-in tiny model (see mlx_lm_pref demo --help)",
+            "  lora      mlx_lm.lora with --loss-type: dpo (and TRL's DPO loss family), "
+            "orpo, cpo, simpo, kto, grpo, rloo\n"
+            "  demo      a method end to end on a built-in tiny model\n"
+            "  evaluate  an adapter's answers and the model's without it, scored by your "
+            "judge function\n"
+            "(each: mlx_lm_pref COMMAND --help)",
             file=sys.stderr,
         )
         sys.exit(2)
@@ -30,4 +34,5 @@ def main():
         "lora": lora,
         # Imported on use, like lora's mlx_lm.lora.
         "demo": lambda: __import__("mlx_lm_pref.demo", fromlist=["main"]).main(),
+        "evaluate": lambda: __import__("mlx_lm_pref.judge", fromlist=["main"]).main(),
     }[command]()

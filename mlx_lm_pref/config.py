@@ -100,8 +100,6 @@ READ_BY = {
     "reward_funcs": RL,
     "reward_weights": RL,
     "mask_truncated_completions": RL,
-    "log_completions": RL,
-    "num_completions_to_print": RL,
     "delta": ("grpo",),
     "scale_rewards": ("grpo",),
     "importance_sampling_level": ("grpo",),
@@ -141,7 +139,8 @@ def unread_message(name, value, loss_type, method) -> str:
     elif name == "truncation_mode":
         why = f"truncation_mode {value}: {trainer} {CUTS[method]}"
     elif name == "max_completion_length":
-        why = "max_completion_length limits sampled completions (GRPO, RLOO); "
+        why = "max_completion_length limits sampled completions (GRPO, RLOO, and "
+        why += "log_completions' samples); "
         why += f"loss_type {losses} reads max_seq_length, a limit on the whole sequence"
     elif name == "rpo_alpha":
         why = "rpo_alpha applies to DPO loss types only; "
@@ -244,6 +243,8 @@ def _specs(value) -> tuple:
         )
     return tuple(v.strip() if isinstance(v, str) else v for v in value)
 
+
+SAMPLE_TOKENS = 128  # log_completions' answers in the methods that do not sample
 
 # The int options (argparse reads them as text; YAML gives ints) and their least values.
 WHOLE = {
@@ -487,7 +488,10 @@ class PreferenceArgs:
     )
     max_completion_length: Optional[int] = field(
         default=None,
-        metadata={"help": "Most tokens sampled per completion. Default: 512 (TRL's)."},
+        metadata={
+            "help": "Most tokens sampled per completion. Default: 512 (TRL's); the "
+            "samples of log_completions in other methods: 128."
+        },
     )
     temperature: float = field(
         default=1.0,
@@ -601,13 +605,18 @@ class PreferenceArgs:
     log_completions: bool = field(
         default=False,
         metadata={
-            "help": "Print sampled prompts, completions and rewards at each report, and "
-            "write them all to completions.jsonl beside metrics.jsonl."
+            "help": "Samples while training, written to completions.jsonl beside "
+            "metrics.jsonl and printed under the reports: GRPO and RLOO print the sampled "
+            "prompts, completions and rewards at each report; the other methods the "
+            "greedy answers to a few fixed validation prompts at each validation."
         },
     )
     num_completions_to_print: Optional[int] = field(
         default=None,
-        metadata={"help": "How many of them log_completions prints (default: all)."},
+        metadata={
+            "help": "How many samples log_completions prints (GRPO, RLOO; default: "
+            "all), or how many validation prompts it answers (other methods; default 4)."
+        },
     )
 
     def __post_init__(self):
@@ -665,6 +674,8 @@ class PreferenceArgs:
                 set_("num_generations", NUM_GENERATIONS[method])
             if self.max_completion_length is None:
                 set_("max_completion_length", 512)
+        elif self.log_completions and self.max_completion_length is None:
+            set_("max_completion_length", SAMPLE_TOKENS)
         if self.rpo_alpha is not None and self.method == "dpo":
             weights = self.loss_weights or (1.0,) * len(names)
             set_("loss_type", names + ("sft",))
@@ -680,6 +691,8 @@ class PreferenceArgs:
             return
         defaults = {f.name: f.default for f in fields(self)}
         for name, methods in READ_BY.items():
+            if name == "max_completion_length" and self.log_completions:
+                continue  # it limits the samples of every method
             value = getattr(self, name)
             if method not in methods and value != defaults[name]:
                 raise ConfigError(unread_message(name, value, typed, method))
@@ -1018,7 +1031,8 @@ TRL_NAMES = {
         None, note="grad_checkpoint saves activation memory by recomputing instead"
     ),
     "generate_during_eval": Instead(
-        None, note="generate with mlx_lm.generate --adapter-path after training"
+        "log_completions",
+        note="greedy answers to validation prompts at each validation",
     ),
     "is_encoder_decoder": Instead(None, note="mlx-lm trains decoder-only models"),
     # GRPOConfig's and RLOOConfig's

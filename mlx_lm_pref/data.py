@@ -645,6 +645,8 @@ class PreferenceDataset:
                     f"is {kinds[checked[0][2][3]]}; one dataset, one format."
                 )
         self._pairs = []
+        self.prompts = []  # each pair's (row's) prompt as given, for log_completions
+        self.tokenizer = tokenizer
         self.dropped = 0
         self.identical = 0
         # pairs whose chosen and rejected share no beginning: trained whole, as TRL does
@@ -692,6 +694,7 @@ class PreferenceDataset:
                     self.dropped += 1
                     continue
             self._pairs.append(pair)
+            self.prompts.append(prompt)
 
     def _tokenize_unpaired(self, checked, tokenizer):
         """KTO's rows, cut to ``max_seq_length`` as TRL's collator; ``_completions`` keeps
@@ -707,6 +710,7 @@ class PreferenceDataset:
                 continue
             self._completions.append(example.sequence[example.start :])
             self._pairs.append(replace(example, sequence=example.sequence[:cut]))
+            self.prompts.append(prompt)
         self.kl_chunk = None
 
     def _with_pairs(self, pairs, **changes) -> "PreferenceDataset":
@@ -826,6 +830,8 @@ class PreferenceDataset:
         joined.options = datasets[0].options
         joined.source = " + ".join(d.source for d in datasets)
         joined._pairs = [p for d in datasets for p in d._pairs]
+        joined.prompts = [p for d in datasets for p in d.prompts]
+        joined.tokenizer = datasets[0].tokenizer
         joined.dropped = sum(d.dropped for d in datasets)
         joined.identical = sum(d.identical for d in datasets)
         joined.promptless = sum(d.promptless for d in datasets)

@@ -17,7 +17,17 @@ import mlx.core as mx
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
+from .data import _hf
 from .reference import evaluation_mode
+
+
+def eos_token_ids(tokenizer) -> list:
+    """The ids that end a completion: mlx-lm's wrapper's ``eos_token_ids``, else the Hugging
+    Face tokenizer's ``eos_token_id``."""
+    ids = getattr(tokenizer, "eos_token_ids", None)
+    if not ids:
+        ids = [_hf(tokenizer).eos_token_id]
+    return [i for i in ids if i is not None]
 
 
 def make_sampling(options):

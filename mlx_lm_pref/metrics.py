@@ -10,6 +10,7 @@ record of each split for the end-of-run summary (``summary_lines``).
 """
 
 import json
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -126,20 +127,22 @@ def print_metrics(split: str, metrics: dict, names=None):
 
 
 def print_samples(samples: list):
-    """``log_completions``: the last generation's prompts, completions and rewards."""
+    """``log_completions``: samples' prompts and completions (and rewards), a line each,
+    cut to the terminal's width."""
     if not is_main_rank():
         return
+    width = max(shutil.get_terminal_size().columns, 60) - 8
     for sample in samples:
         scores = "  ".join(
             f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
             for k, v in sample.items()
             if k.startswith("rewards/") or k == "advantage"
         )
-        print(
-            f"        sample {_short(sample['prompt'])!r} -> "
-            f"{_short(sample['completion'])!r}  {scores}",
-            flush=True,
-        )
+        prompt = repr(_short(sample["prompt"], width // 3))
+        room = width - len("sample  -> ") - len(prompt) - len(scores) - 4
+        completion = repr(_short(sample["completion"], max(room, 20)))
+        line = f"sample {prompt} -> {completion}  {scores}".rstrip()
+        print(f"        {line}", flush=True)
 
 
 def _short(value, limit=80) -> str:
@@ -168,6 +171,8 @@ class PreferenceReporter(TrainingCallback):
         self.upstream_offset = 0  # a resumed run's count at its checkpoint
         # log_completions: a function returning the samples a training report prints
         self.samples = None
+        # log_completions (methods that do not sample): iteration -> a validation's samples
+        self.val_samples = None
 
     def tokens_so_far(self) -> int:
         """TRL's ``num_tokens`` now: every token trained on, the steps since the last
@@ -204,6 +209,8 @@ class PreferenceReporter(TrainingCallback):
         if "num_tokens" in metrics:
             metrics["num_tokens"] = float(self.tokens_so_far())
         self.record("val", val_info["iteration"], metrics)
+        if self.val_samples is not None:
+            print_samples(self.val_samples(val_info["iteration"]))
         if self.inner is not None:
             prefixed = {f"val_{k}": v for k, v in metrics.items()}
             self.inner.on_val_loss_report(

@@ -34,7 +34,7 @@ import numpy as np
 from .batching import SHARE_BELOW, SharedTokens, _padded, preference_dataset_of
 from .data import _hf
 from .forward import run_model
-from .generation import sample_completions
+from .generation import eos_token_ids, sample_completions
 from .grpo import (
     RolloutBatch,
     group_advantages,
@@ -232,11 +232,7 @@ class Rollouts:
         return batches
 
     def _eos_ids(self):
-        tokenizer = self.tokenizer
-        ids = getattr(tokenizer, "eos_token_ids", None)
-        if not ids:
-            ids = [_hf(tokenizer).eos_token_id]
-        return [i for i in ids if i is not None]
+        return eos_token_ids(self.tokenizer)
 
     def _pad(self):
         """The pad id, which TRL counts as an end like EOS."""

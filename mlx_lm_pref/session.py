@@ -40,6 +40,7 @@ from .rewards import RewardError
 from .rollout import COMPLETIONS_FILE, Rollouts
 from .run import PreferenceRun, current_run, running
 from .safety import RunGuard
+from .samples import ValidationSamples
 from .sharing import resolve_prompt_sharing
 
 SHARING_NAMES = {
@@ -224,6 +225,13 @@ def start_training(run: PreferenceRun, a: dict) -> None:
         shown=shown_metrics(options),
     )
     run.description = _description(options, layout)
+    completions = metrics_path.parent / COMPLETIONS_FILE
+    if (
+        is_main_rank()
+        and not resumed
+        and (options.generates or options.log_completions)
+    ):
+        completions.unlink(missing_ok=True)
     if options.generates:
         run.rollouts = Rollouts(
             model,
@@ -231,12 +239,15 @@ def start_training(run: PreferenceRun, a: dict) -> None:
             reward_functions(options),
             getattr(training_args, "grad_accumulation_steps", 1),
             initial,
-            metrics_path.parent / COMPLETIONS_FILE if options.log_completions else None,
+            completions if options.log_completions else None,
         )
-        if is_main_rank() and not resumed:
-            (metrics_path.parent / COMPLETIONS_FILE).unlink(missing_ok=True)
         if options.log_completions:
             run.reporter.samples = partial(_samples, run.rollouts, options)
+    elif options.log_completions and a["val_dataset"]:
+        samples = ValidationSamples(
+            preference_dataset_of(a["val_dataset"]), options, completions
+        )
+        run.reporter.val_samples = partial(samples, model)
     if options.writes_checkpoints:
         run.checkpoints = RunCheckpoints(
             run, model, a["optimizer"], training_args, run.identity, reference, initial
@@ -339,9 +350,10 @@ def _rollouts_for(run, model, options):
 
 
 def random_states_kept_by(run):
-    """Validation leaves a checkpointed run's random states as they were (see
-    ``checkpoint.random_states_kept``)."""
-    if run is None or run.checkpoints is None:
+    """Validation leaves a preference run's random states as they were, whether it writes
+    checkpoints or not (``save_only_model`` changes the files only), and a checkpointed SFT
+    run's (see ``checkpoint.random_states_kept``); a plain SFT run's stay upstream's."""
+    if run is None or (run.checkpoints is None and not run.options.is_preference):
         return nullcontext()
     return random_states_kept()
 

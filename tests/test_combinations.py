@@ -67,6 +67,9 @@ FACTORS = {
     # checkpoints: every one kept; the newest one (save_every 1, save_total_limit 1); none
     # (save_only_model); or the run trained in two halves, the second --resume'd
     "save": ["all", "limit", "model_only", "resumed"],
+    # log_completions: samples while training (the sampled ones in RL; greedy answers to 2
+    # validation prompts at each validation otherwise), which must change no number
+    "samples": [False, True],
 }
 # What the product refuses, one pair of values each, and the line that says so.
 REFUSED = [
@@ -198,7 +201,7 @@ def twin_of(case) -> dict:
     the sft term) weighs the two batches' tokens otherwise (``test_scale`` checks those
     on data of equal lengths)."""
     twin = dict(case, checkpoint=False, entry="mlx_lm_pref.lora", report="compact")
-    twin["save"] = "all"
+    twin.update(save="all", samples=False)
     if case["head"] == "64":
         twin["head"] = "0"
     if case["sharing"] == "true" or case["prompts"] == "long":
@@ -276,6 +279,9 @@ def command(case, root) -> list:
         args.append("--save-only-model")
     if case["test"]:
         args.append("--test")
+    if case["samples"]:
+        args += ["--log-completions", "--num-completions-to-print", 2]
+        args += [] if loss in RL_LOSSES else ["--max-completion-length", 6]
     folders = write_case_data(root, case)
     if case["source"] == "local":
         args += ["--data", folders[0]]
@@ -324,6 +330,12 @@ def collect(root, code, stdout, stderr):
     result = {"returncode": code, "stdout": stdout, "stderr": stderr}
     if code == 0:
         result["metrics"] = read_metrics(out)
+        samples = out / "completions.jsonl"
+        result["samples"] = (
+            [json.loads(l) for l in samples.read_text().splitlines()]
+            if samples.is_file()
+            else []
+        )
         folders = (out / "checkpoints").glob("[0-9]*")
         result["checkpoints"] = sorted(int(p.name) for p in folders)
         result["adapter"] = {
@@ -442,7 +454,7 @@ def distributed_cases():
 PLAIN = dict(loss="sigmoid", reference="auto", sharing="auto", prompts="short")
 PLAIN |= dict(fine_tune="lora", source="local", rows="standard", checkpoint=False)
 PLAIN |= dict(accumulate=1, test=False, head="auto", entry="mlx_lm_pref.lora")
-PLAIN |= dict(report="compact", save="all")
+PLAIN |= dict(report="compact", save="all", samples=False)
 
 
 def refused_case(bad):
@@ -526,6 +538,15 @@ def test_case_trains_and_equals_its_twin(outcomes, case):
     # the report lines show every metric only with report_metrics: all
     unshown = "clip_ratio/low_min " if case["loss"] in RL_LOSSES else "logps/chosen "
     assert (unshown in result["stdout"]) == (case["report"] == "all")
+    if case["samples"] and case["loss"] in RL_LOSSES:
+        assert result["samples"] and all("generation" in s for s in result["samples"])
+    elif case["samples"]:  # 2 fixed prompts answered at each validation
+        validations = [m["iteration"] for m in metrics if m["split"] == "val"]
+        answered = [s["iteration"] for s in result["samples"]]
+        assert answered == [i for i in validations for _ in range(2)], answered
+        assert len({json.dumps(s["prompt"]) for s in result["samples"]}) == 2
+    else:
+        assert result["samples"] == []
     iters = 2 * case["accumulate"]
     if case["save"] == "resumed":
         n = iters // 2

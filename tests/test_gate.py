@@ -138,8 +138,8 @@ REFUSED = {
     "dpo-max-completion-length": (
         lambda r: ["--data", data(r), "--loss-type", "dpo", "--max-completion-length",
                    64],
-        ["max_completion_length limits sampled completions (GRPO, RLOO); loss_type "
-         "dpo reads max_seq_length"],
+        ["max_completion_length limits sampled completions (GRPO, RLOO, and "
+         "log_completions' samples); loss_type dpo reads max_seq_length"],
     ),
     "grpo-vllm-yaml": (
         lambda r: ["--data", prompts(r), "--config",

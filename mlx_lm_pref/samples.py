@@ -1,0 +1,76 @@
+"""``log_completions`` for the methods that train on given completions (DPO, ORPO, CPO,
+KTO): at each validation, the model's greedy answers to a few fixed validation prompts.
+
+The prompts are the first ``num_completions_to_print`` distinct ones of the validation set,
+in file order, as the loss sees them (the tokens before each pair's completion), so every
+validation answers the same ones and a run's samples read as a progression. mlx-lm
+validates before the first step, so the first samples are the starting model's (with
+LoRA's zero-initialised B, the reference's). Decoding is greedy (no random state is drawn)
+with dropout off, up to ``max_completion_length`` tokens or the first EOS. GRPO and RLOO
+log the completions they sample instead (``rollout.Rollouts``); both write
+``completions.jsonl`` and print through ``metrics.print_samples``.
+"""
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+from mlx_lm.sample_utils import make_sampler
+
+from .console import is_main_rank
+from .data import Pair, _hf
+from .generation import eos_token_ids, sample_group
+from .reference import evaluation_mode
+
+DEFAULT_COUNT = 4  # prompts, where num_completions_to_print is not given
+
+
+def prompt_tokens(item) -> List[int]:
+    """The tokens before the completion of a ``Pair`` or an ``Example`` (KTO)."""
+    if isinstance(item, Pair):
+        return list(item.chosen[: item.chosen_start])
+    return list(item.sequence[: item.start])
+
+
+class ValidationSamples:
+    """Greedy answers to fixed validation prompts, appended to ``path`` as
+    ``{"split": "val", "iteration", "prompt", "completion"}`` records."""
+
+    def __init__(self, dataset, options, path: Optional[Path]):
+        count = options.num_completions_to_print
+        count = DEFAULT_COUNT if count is None else count
+        seen, self.prompts = set(), []
+        for k in range(len(dataset)):
+            if len(self.prompts) == count:
+                break
+            tokens = prompt_tokens(dataset[k])
+            if tuple(tokens) not in seen:
+                seen.add(tuple(tokens))
+                self.prompts.append((dataset.prompts[k], tokens))
+        self.tokenizer = dataset.tokenizer
+        self.max_tokens = options.max_completion_length
+        self.path = path
+
+    def __call__(self, model, iteration: int) -> list:
+        """The samples at this validation (rank 0 generates and writes; others: [])."""
+        if not is_main_rank():
+            return []
+        greedy, stop = make_sampler(temp=0.0), set(eos_token_ids(self.tokenizer))
+        samples = []
+        with evaluation_mode(model):
+            for prompt, tokens in self.prompts:
+                (ids,) = sample_group(model, tokens, 1, self.max_tokens, stop, greedy)
+                text = _hf(self.tokenizer).decode(ids, skip_special_tokens=True)
+                samples.append(
+                    {
+                        "split": "val",
+                        "iteration": iteration,
+                        "prompt": prompt,
+                        "completion": text,
+                    }
+                )
+        if self.path is not None:
+            with open(self.path, "a") as fid:
+                for sample in samples:
+                    fid.write(json.dumps(sample) + "\n")
+        return samples
