@@ -54,7 +54,7 @@ from .config import (
     trl_hint,
 )
 from .console import log
-from .data import DataError, is_preference_row
+from .data import DataError, is_preference_row, read_jsonl
 from .rewards import RewardError, check_reward_funcs
 from .sharing import CHECKPOINTING
 
@@ -142,6 +142,8 @@ def check(ns) -> PreferenceArgs:
     check_files(ns)
     if not options.is_preference:
         check_sft_data(ns)
+        if options.log_completions:
+            check_sft_samples(ns)
     for note in notes:  # --test alone: the options given otherwise than trained
         log(note)
     if options.is_preference and ns.train:
@@ -467,6 +469,22 @@ def check_sft_data(ns):
         f"{ns.adapter_path or 'the model'} was not trained with a preference loss: "
         "score them with --loss-type dpo (or orpo, cpo, kto, ...)."
     )
+
+
+def check_sft_samples(ns):
+    """log_completions answers the validation prompts: text rows have none."""
+    path = Path(ns.data) / "valid.jsonl"
+    if getattr(ns, "hf_dataset", None) or not ns.train or not path.is_file():
+        return
+    rows, lines = read_jsonl(path)
+    features = {getattr(ns, "chat_feature", None) or "messages"}
+    features.add(getattr(ns, "prompt_feature", None) or "prompt")
+    if rows and isinstance(rows[0], dict) and not features & set(rows[0]):
+        raise ConfigError(
+            f"log_completions: {path}:{lines[0]} is a text row, with no prompt to "
+            "answer; give chat rows ('messages') or prompt/completion rows, or remove "
+            "log_completions."
+        )
 
 
 def check_run(options, ns):

@@ -218,6 +218,23 @@ class PreferenceReporter(TrainingCallback):
             )
 
 
+class SampleReports(TrainingCallback):
+    """An SFT run's reports (mlx-lm's, and the caller's callback), then ``log_completions``'
+    samples after each validation report: ``samples(iteration)``."""
+
+    def __init__(self, inner, samples):
+        self.inner, self.samples = inner, samples
+
+    def on_train_loss_report(self, train_info: dict):
+        if self.inner is not None:
+            self.inner.on_train_loss_report(train_info)
+
+    def on_val_loss_report(self, val_info: dict):
+        if self.inner is not None:
+            self.inner.on_val_loss_report(val_info)
+        print_samples(self.samples(val_info["iteration"]))
+
+
 def summary_lines(run, adapter_path: Optional[Path]) -> list:
     """The end-of-run block: where the adapter is, how long training took, what it trained
     with, and each split's last metrics (as in ``metrics.jsonl``, 4 significant digits).

@@ -32,24 +32,74 @@ def prompt_tokens(item) -> List[int]:
     return list(item.sequence[: item.start])
 
 
-class ValidationSamples:
-    """Greedy answers to fixed validation prompts, appended to ``path`` as
-    ``{"split": "val", "iteration", "prompt", "completion"}`` records."""
+def preference_prompts(dataset, count: int) -> list:
+    """``[(prompt, tokens)]``: the first ``count`` distinct prompts of a preference
+    dataset, as the loss sees them."""
+    return _distinct(
+        ((dataset.prompts[k], prompt_tokens(dataset[k])) for k in range(len(dataset))),
+        count,
+    )
 
-    def __init__(self, dataset, options, path: Optional[Path]):
-        count = options.num_completions_to_print
-        count = DEFAULT_COUNT if count is None else count
-        seen, self.prompts = set(), []
-        for k in range(len(dataset)):
-            if len(self.prompts) == count:
-                break
-            tokens = prompt_tokens(dataset[k])
-            if tuple(tokens) not in seen:
-                seen.add(tuple(tokens))
-                self.prompts.append((dataset.prompts[k], tokens))
-        self.tokenizer = dataset.tokenizer
-        self.max_tokens = options.max_completion_length
-        self.path = path
+
+def sft_prompts(dataset, count: int) -> Optional[list]:
+    """``[(prompt, tokens)]``: the first ``count`` distinct prompts of mlx-lm's SFT
+    dataset (chat rows: the messages before the last assistant turn; prompt/completion
+    rows: the prompt as a user turn, as mlx-lm templates it), None for text rows."""
+    if type(dataset).__name__ == "CacheDataset":
+        dataset = dataset._data
+    parts = (
+        dataset._data if type(dataset).__name__ == "ConcatenatedDataset" else [dataset]
+    )
+    if not all(hasattr(p, "chat_key") or hasattr(p, "prompt_key") for p in parts):
+        return None
+
+    def rows():
+        for part in parts:
+            template = part.tokenizer.apply_chat_template
+            for k in range(len(part)):
+                row = part[k]
+                if hasattr(part, "chat_key"):
+                    prompt = row[part.chat_key]
+                    if prompt and prompt[-1].get("role") == "assistant":
+                        prompt = prompt[:-1]
+                    messages = prompt
+                else:
+                    prompt = row[part.prompt_key]
+                    messages = [{"role": "user", "content": prompt}]
+                tokens = template(
+                    messages,
+                    tools=row.get("tools"),
+                    add_generation_prompt=True,
+                    return_dict=False,
+                )
+                yield prompt, list(tokens)
+
+    return _distinct(rows(), count)
+
+
+def _distinct(pairs, count: int) -> list:
+    seen, kept = set(), []
+    for prompt, tokens in pairs:
+        if len(kept) == count:
+            break
+        if tuple(tokens) not in seen:
+            seen.add(tuple(tokens))
+            kept.append((prompt, tokens))
+    return kept
+
+
+def sample_count(options) -> int:
+    count = options.num_completions_to_print
+    return DEFAULT_COUNT if count is None else count
+
+
+class ValidationSamples:
+    """Greedy answers to fixed validation prompts ``[(prompt, tokens)]``, appended to
+    ``path`` as ``{"split": "val", "iteration", "prompt", "completion"}`` records."""
+
+    def __init__(self, prompts, tokenizer, max_tokens: int, path: Optional[Path]):
+        self.prompts, self.tokenizer = prompts, tokenizer
+        self.max_tokens, self.path = max_tokens, path
 
     def __call__(self, model, iteration: int) -> list:
         """The samples at this validation (rank 0 generates and writes; others: [])."""

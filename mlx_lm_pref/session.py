@@ -31,7 +31,7 @@ from .data import label_balance
 from .evaluation import evaluate_preference
 from .grpo import reward_functions
 from .head import head_for, resolve_head_chunks
-from .metrics import METRICS_FILE, PreferenceReporter, shown_metrics
+from .metrics import METRICS_FILE, PreferenceReporter, SampleReports, shown_metrics
 from .objective import PreferenceLoss, metric_names
 from .precompute import model_fingerprint, precompute_reference
 from .reference import InitialAdapter, check_reference, resolve_reference
@@ -40,7 +40,12 @@ from .rewards import RewardError
 from .rollout import COMPLETIONS_FILE, Rollouts
 from .run import PreferenceRun, current_run, running
 from .safety import RunGuard
-from .samples import ValidationSamples
+from .samples import (
+    ValidationSamples,
+    preference_prompts,
+    sample_count,
+    sft_prompts,
+)
 from .sharing import resolve_prompt_sharing
 
 SHARING_NAMES = {
@@ -143,10 +148,16 @@ def guarded(run: PreferenceRun, optimizer):
 
 @contextmanager
 def sft_training(a: dict, run: PreferenceRun):
-    """An SFT run that asked for checkpoints (``save_only_model: false``, or resuming):
+    """An SFT run that asked for samples (``log_completions``: mlx-lm's reports, then the
+    samples at each validation) or checkpoints (``save_only_model: false``, or resuming):
     mlx-lm's own loss, batches and reports; the guard (non-finite steps stop it, Ctrl-C ends
     it between steps) and the checkpoints of a preference run."""
     model, training_args = a["model"], a["args"]
+    if run.options.log_completions:
+        _sft_samples(a, run.options, _resumed(run.options, training_args))
+    if not run.options.writes_checkpoints:
+        yield run
+        return
     run.asked = run.options
     resumed = _resumed(run.options, training_args)
     run.guard = RunGuard(model, (), training_args.adapter_file)
@@ -160,6 +171,37 @@ def sft_training(a: dict, run: PreferenceRun):
     )
     with guarded(run, a["optimizer"]):
         yield run
+
+
+def _sft_samples(a: dict, options, resumed) -> None:
+    """log_completions in an SFT run: greedy answers to the first validation prompts after
+    each validation report (text rows have no prompt: said once, no samples)."""
+    prompts = (
+        sft_prompts(a["val_dataset"], sample_count(options))
+        if a["val_dataset"]
+        else None
+    )
+    if not prompts:
+        log(
+            "log_completions: the validation rows hold no prompt to answer; no samples."
+        )
+        return
+    path = Path(a["args"].adapter_file).parent / COMPLETIONS_FILE
+    if is_main_rank() and not resumed:
+        path.unlink(missing_ok=True)
+    tokenizer = _sft_tokenizer(a["val_dataset"])
+    samples = ValidationSamples(prompts, tokenizer, options.max_completion_length, path)
+    a["training_callback"] = SampleReports(
+        a["training_callback"], partial(samples, a["model"])
+    )
+
+
+def _sft_tokenizer(dataset):
+    while not hasattr(dataset, "tokenizer"):
+        dataset = (
+            dataset._data if not isinstance(dataset._data, list) else dataset._data[0]
+        )
+    return dataset.tokenizer
 
 
 def start_training(run: PreferenceRun, a: dict) -> None:
@@ -244,8 +286,10 @@ def start_training(run: PreferenceRun, a: dict) -> None:
         if options.log_completions:
             run.reporter.samples = partial(_samples, run.rollouts, options)
     elif options.log_completions and a["val_dataset"]:
+        val = preference_dataset_of(a["val_dataset"])
+        prompts = preference_prompts(val, sample_count(options))
         samples = ValidationSamples(
-            preference_dataset_of(a["val_dataset"]), options, completions
+            prompts, val.tokenizer, options.max_completion_length, completions
         )
         run.reporter.val_samples = partial(samples, model)
     if options.writes_checkpoints:

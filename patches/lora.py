@@ -66,9 +66,11 @@ def build_parser(wrapped, instance, args, kwargs):
 def run(wrapped, instance, args, kwargs):
     ns = kwargs["args"] if "args" in kwargs else args[0]
     options = gate.check(ns)
-    if not options.is_preference and options.writes_checkpoints:
-        # SFT with checkpoints (asked for): upstream's run, its train() in a checkpointed
-        # session (patches/trainer.py)
+    if not options.is_preference and (
+        options.writes_checkpoints or options.log_completions
+    ):
+        # SFT with checkpoints or samples (asked for): upstream's run, its train() in a
+        # checkpointed or sampled session (patches/trainer.py)
         with running(PreferenceRun(options, identity=gate.run_identity(ns))):
             return wrapped(*args, **kwargs)
     if not options.is_preference:

@@ -79,7 +79,10 @@ def train(wrapped, instance, args, kwargs):
     bound, signature = _bind(wrapped, args, kwargs)
     if preference_dataset_of(bound.arguments["train_dataset"]) is None:
         run = current_run()
-        if run is not None and run.options.writes_checkpoints:  # SFT, checkpointed
+        asked = run is not None and (
+            run.options.writes_checkpoints or run.options.log_completions
+        )
+        if asked:  # SFT, checkpointed or sampled
             with session.sft_training(bound.arguments, run):
                 return wrapped(*bound.args, **bound.kwargs)
         return wrapped(*args, **kwargs)

@@ -488,7 +488,10 @@ def test_read_by_is_what_trl_configs_declare():
     # ORPOConfig's and CPOConfig's max_completion_length cuts the answer; here
     # max_seq_length does, and the option is refused there saying so
     unread = {"max_completion_length": {"orpo", "cpo"}}
-    for name in set().union(*declared.values()) & ours - {"loss_type"}:
+    # GRPO's and RLOO's samples while training, which every method logs here
+    everyone = {"log_completions", "num_completions_to_print"}
+    assert not everyone & set(READ_BY)
+    for name in set().union(*declared.values()) & ours - {"loss_type"} - everyone:
         methods = {m for m, names in declared.items() if name in names}
         methods -= unread.get(name, set())
         assert methods == set(READ_BY.get(name, declared)), name

@@ -91,3 +91,50 @@ def test_the_default_count_and_a_yaml_config(tiny_model, data):
     lora(tiny_model, folder, root / "simpo", *RUN, "--config", config)
     samples = read_samples(root / "simpo")
     assert len(samples) == 3 * 4  # 4 prompts by default
+
+
+@pytest.fixture(scope="module")
+def sft_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sft_samples")
+    for name, n in (("train", 16), ("valid", 8)):
+        chat = [
+            {"messages": [{"role": "user", "content": f"Is the sea {k % 3} nice?"},
+                          {"role": "assistant", "content": "Yes, it is nice."}]}
+            for k in range(n)
+        ]  # fmt: skip
+        write_jsonl(root / "chat" / f"{name}.jsonl", chat)
+        write_jsonl(root / "text" / f"{name}.jsonl", [{"text": "Yes."}] * n)
+    return root
+
+
+def test_sft_answers_its_validation_prompts_and_stays_upstream(tiny_model, sft_data):
+    root = sft_data
+    sft = ["--train", "--iters", 4, "--batch-size", 4, "--steps-per-eval", 2]
+    sft += ["--val-batches", 1, "--num-layers", -1, "--seed", 0]
+    proc = lora(tiny_model, root / "chat", root / "s", *sft, "--log-completions",
+                "--max-completion-length", 4)  # fmt: skip
+    plain = lora(tiny_model, root / "chat", root / "plain", *sft)
+    samples = read_samples(root / "s")
+    # 3 distinct prompts among the 8 rows (4 by default), at each of 3 validations
+    assert [s["iteration"] for s in samples] == [0] * 3 + [1] * 3 + [3] * 3
+    assert [s["prompt"][0]["content"] for s in samples[:3]] == [
+        f"Is the sea {k} nice?" for k in range(3)
+    ]
+    assert proc.stdout.count("        sample ") == 9
+    assert "sample " not in plain.stdout
+    a = mx.load(str(root / "s" / "adapters.safetensors"))
+    b = mx.load(str(root / "plain" / "adapters.safetensors"))
+    for name in a:
+        assert np.array_equal(np.array(a[name]), np.array(b[name])), name
+
+
+def test_text_rows_have_no_prompt_to_answer(tiny_model, sft_data):
+    root = sft_data
+    proc = lora(tiny_model, root / "text", root / "t", "--train", "--iters", 1,
+                "--num-layers", -1, "--log-completions", check=False)  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"mlx_lm_pref: error: log_completions: {root / 'text' / 'valid.jsonl'}:1 is a "
+        "text row, with no prompt to answer; give chat rows ('messages') or "
+        "prompt/completion rows, or remove log_completions."
+    ]
