@@ -18,7 +18,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.tuner.callbacks import TrainingCallback
 
-from .console import is_main_rank
+from .console import is_main_rank, log
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -173,6 +173,8 @@ class PreferenceReporter(TrainingCallback):
         self.samples = None
         # log_completions (methods that do not sample): iteration -> a validation's samples
         self.val_samples = None
+        # DPO and KTO: validation metrics -> the degeneration warning, or None
+        self.watch = None
 
     def tokens_so_far(self) -> int:
         """TRL's ``num_tokens`` now: every token trained on, the steps since the last
@@ -209,6 +211,9 @@ class PreferenceReporter(TrainingCallback):
         if "num_tokens" in metrics:
             metrics["num_tokens"] = float(self.tokens_so_far())
         self.record("val", val_info["iteration"], metrics)
+        warning = self.watch(metrics) if self.watch is not None else None
+        if warning and is_main_rank():
+            log(warning)
         if self.val_samples is not None:
             print_samples(self.val_samples(val_info["iteration"]))
         if self.inner is not None:

@@ -28,6 +28,7 @@ from .checkpoint import REFERENCE, find_checkpoint, random_states_kept, read_sta
 from .config import ConfigError
 from .console import is_main_rank, log
 from .data import label_balance
+from .degeneration import WATCHED, DegenerationWatch, chosen_tokens
 from .evaluation import evaluate_preference
 from .grpo import reward_functions
 from .head import head_for, resolve_head_chunks
@@ -267,6 +268,9 @@ def start_training(run: PreferenceRun, a: dict) -> None:
         shown=shown_metrics(options),
     )
     run.description = _description(options, layout)
+    if options.method in WATCHED and a["val_dataset"] and not resumed:
+        val = preference_dataset_of(a["val_dataset"])
+        run.reporter.watch = DegenerationWatch(options.method, chosen_tokens(val))
     completions = metrics_path.parent / COMPLETIONS_FILE
     if (
         is_main_rank()
