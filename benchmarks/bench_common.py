@@ -74,6 +74,17 @@ SIZES = {
         vocab_size=262144,
     ),
 }
+# A real pretrained model: SmolLM2-135M-Instruct (its tokenizer, tied embeddings), converted
+# for mlx-lm by convert_smollm2.py into REAL_MODELS' folder (BENCH_SMOLLM2 moves it).
+SIZES["smollm2"] = dict(
+    hidden_size=576,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    intermediate_size=1536,
+    vocab_size=49152,
+)
+REAL_MODELS = {"smollm2": Path(os.environ.get("BENCH_SMOLLM2", "/tmp/smollm2"))}
 # LoRA on every linear layer of every block (mlx-lm's defaults for Llama, all layers).
 LORA = {"rank": 8, "scale": 20.0, "dropout": 0.0}
 LEARNING_RATE = 1e-5
@@ -101,6 +112,13 @@ def param_count(cfg: dict) -> int:
 
 def describe_size(name: str) -> str:
     c = SIZES[name]
+    if name in REAL_MODELS:  # pretrained, its embeddings tied to the output layer
+        params = param_count(c) - c["vocab_size"] * c["hidden_size"]
+        return (
+            f"{name}: SmolLM2-135M-Instruct, pretrained ({params / 1e6:.1f}M params: "
+            f"hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, FFN "
+            f"{c['intermediate_size']}, vocab {c['vocab_size']}, tied embeddings)"
+        )
     return (
         f"{name}: {param_count(c) / 1e6:.1f}M params (hidden {c['hidden_size']}, "
         f"{c['num_hidden_layers']} layers, FFN {c['intermediate_size']}, vocab "

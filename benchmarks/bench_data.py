@@ -15,7 +15,7 @@
 from pathlib import Path
 
 import numpy as np
-from bench_common import SIZES
+from bench_common import REAL_MODELS, SIZES
 
 CONSONANTS = "bdfgklmnprstvz"
 VOWELS = "aeiou"
@@ -49,6 +49,14 @@ def build_assets(size: str, root) -> Path:
 
     from mlx_lm_pref.demo.tiny import build_model
 
+    if size in REAL_MODELS:
+        path = REAL_MODELS[size]
+        if not (path / "model.safetensors").exists():
+            raise SystemExit(
+                f"{path}: no model there; convert it first: "
+                f"python benchmarks/convert_smollm2.py {path}"
+            )
+        return path
     path = Path(root) / f"llama_{size}"
     try:  # reuse a folder built earlier with the same configuration
         config = json.loads((path / "config.json").read_text())

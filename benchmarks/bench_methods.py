@@ -32,6 +32,7 @@ from bench_common import (  # noqa: E402
     LORA,
     QUICK_LENGTH_MIX,
     QUICK_LONG_PROMPT_MIX,
+    REAL_MODELS,
     SIZES,
     describe_size,
     fmt,
@@ -303,6 +304,12 @@ def main():
         "(OPENBLAS_NUM_THREADS); 0 = OpenBLAS's default (one per core). Default 1: "
         "steadier on a shared machine (see README)",
     )
+    p.add_argument(
+        "--section",
+        default="methods",
+        help="the RESULTS.md section written (default methods; e.g. methods-smollm2 for a "
+        "run on the real model)",
+    )
     p.add_argument("--no-write", action="store_true", help="print only")
     a = p.parse_args()
     sizes = a.sizes or (["small"] if a.quick else ["small", "medium"])
@@ -361,9 +368,9 @@ def main():
         print(line)
     if a.no_write:
         return
-    write_json(HERE / "results" / "methods.json", results)
-    png = chart(results, HERE / "results" / "methods.png")
-    cmd = "python benchmarks/bench_methods.py" + (" --quick" if a.quick else "")
+    write_json(HERE / "results" / f"{a.section}.json", results)
+    png = chart(results, HERE / "results" / f"{a.section}.png")
+    cmd = " ".join(["python benchmarks/bench_methods.py", *sys.argv[1:]])
     mix_txt = "; ".join(
         f"{w}: prompts {m['prompt'][0]}-{m['prompt'][1]} tokens, completions "
         f"{m['completion'][0]}-{m['completion'][1]} tokens"
@@ -374,7 +381,9 @@ def main():
         (r.get("versions") for r in results.values() if r.get("versions")), {}
     )
     body = [
-        "## Methods vs SFT (mlx_lm_pref)" + (" — QUICK smoke run" if a.quick else ""),
+        "## Methods vs SFT (mlx_lm_pref)"
+        + (f" on {', '.join(sizes)}" if set(sizes) & set(REAL_MODELS) else "")
+        + (" — QUICK smoke run" if a.quick else ""),
         "",
         f"`{cmd}` ({time.strftime('%Y-%m-%d %H:%M')}, {elapsed:.0f} s). {header_line}; "
         f"mlx {versions.get('mlx', '?')}, mlx-lm {versions.get('mlx_lm', '?')}, CPU "
@@ -424,9 +433,9 @@ def main():
     body += ["", "Batches:", ""] + ["- " + line for line in batch_lines(results)]
     if png:
         body += ["", f"![step time relative to SFT](results/{png.name})"]
-    write_section("methods", "\n".join(body))
+    write_section(a.section, "\n".join(body))
     print(
-        f"wrote {HERE / 'RESULTS.md'} (section methods) in {elapsed:.0f} s",
+        f"wrote {HERE / 'RESULTS.md'} (section {a.section}) in {elapsed:.0f} s",
         file=sys.stderr,
     )
 

@@ -36,6 +36,7 @@ from bench_common import (  # noqa: E402
     LENGTH_MIX,
     LORA,
     QUICK_LENGTH_MIX,
+    REAL_MODELS,
     SIZES,
     VENV_PEER,
     VENV_TRL,
@@ -332,6 +333,7 @@ def main():
         "quick: small/1 small/4)",
     )
     p.add_argument("--tools", nargs="+", choices=list(TOOLS), default=list(TOOLS))
+    p.add_argument("--methods", nargs="+", help="of each tool's (default: all of them)")
     p.add_argument("--steps", type=int, help="timed steps (median); default 2")
     p.add_argument(
         "--warmup",
@@ -351,6 +353,12 @@ def main():
         "(MLX tools) and torch/OpenMP (TRL); 0 = the libraries' defaults (one per "
         "core). Default 1: see README",
     )
+    p.add_argument(
+        "--section",
+        default="peers",
+        help="the RESULTS.md section written (default peers; e.g. peers-smollm2 for a "
+        "run on the real model)",
+    )
     p.add_argument("--no-write", action="store_true")
     a = p.parse_args()
     configs = a.configs or (
@@ -360,7 +368,7 @@ def main():
     sizes = list(dict.fromkeys(s for s, _ in configs))
     steps = a.steps or 3
     mix = QUICK_LENGTH_MIX if a.quick else LENGTH_MIX
-    log = HERE / "results" / "peers.log"
+    log = HERE / "results" / f"{a.section}.log"
     log.parent.mkdir(exist_ok=True)
     log.write_text("")
 
@@ -379,6 +387,7 @@ def main():
             }
             for tool in a.tools:
                 python, script, methods, options = TOOLS[tool]
+                methods = [m for m in methods if not a.methods or m in a.methods]
                 job = {
                     "model": str(path),
                     "tokens": tokens.tolist(),
@@ -409,8 +418,8 @@ def main():
         print(line)
     if a.no_write:
         return
-    write_json(HERE / "results" / "peers.json", results)
-    png = chart(rows, HERE / "results" / "peers.png")
+    write_json(HERE / "results" / f"{a.section}.json", results)
+    png = chart(rows, HERE / "results" / f"{a.section}.png")
     versions = {}
     for entry in results.values():
         for tool, res in entry["tools"].items():
@@ -421,7 +430,7 @@ def main():
                     if k != "torch_threads"
                 }
             )
-    cmd = "python benchmarks/bench_peers.py" + (" --quick" if a.quick else "")
+    cmd = " ".join(["python benchmarks/bench_peers.py", *sys.argv[1:]])
     mix_txt = (
         f"prompts {mix['prompt'][0]}-{mix['prompt'][1]} tokens, completions "
         f"{mix['completion'][0]}-{mix['completion'][1]} tokens (uniform)"
@@ -443,7 +452,9 @@ def main():
         }
     )
     body = [
-        "## Side by side: mlx_lm_pref, mlx-lm-lora, TRL"
+        "## Side by side: "
+        + ", ".join(t for t in a.tools if t != UNSHARED).replace("trl", "TRL")
+        + (f" on {', '.join(sizes)}" if set(sizes) & set(REAL_MODELS) else "")
         + (" — QUICK smoke run" if a.quick else ""),
         "",
         f"`{cmd}` ({time.strftime('%Y-%m-%d %H:%M')}, {elapsed:.0f} s). {header_line}. "
@@ -481,9 +492,9 @@ def main():
     body += [NOTES]
     if png:
         body += ["", f"![step time per tool](results/{png.name})"]
-    write_section("peers", "\n".join(body))
+    write_section(a.section, "\n".join(body))
     print(
-        f"wrote {HERE / 'RESULTS.md'} (section peers) in {elapsed:.0f} s; worker logs in "
+        f"wrote {HERE / 'RESULTS.md'} (section {a.section}) in {elapsed:.0f} s; worker logs in "
         f"{log}",
         file=sys.stderr,
     )

@@ -154,9 +154,11 @@ def build(method, model, tokens, spans, job):
     spec, _, head = method.partition(":")
     spec, share, _ = spec.partition("+share")
     loss_type, _, reference = spec.partition("@")
+    # DPO's default here is its reference with the adapters off; ORPO and CPO have none
+    plain = PreferenceArgs(loss_type=loss_type).needs_reference and "adapters_off"
     options = PreferenceArgs(
         loss_type=loss_type,
-        reference=reference or "adapters_off",
+        reference=reference or plain or "auto",
         prompt_sharing="true" if share else job.get("prompt_sharing", "false"),
         head_chunk_size={"logits": "0", "": job.get("head_chunk_size", "auto")}.get(
             head, head

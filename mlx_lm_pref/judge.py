@@ -96,7 +96,8 @@ def parse_args(argv) -> argparse.Namespace:
         "--samples",
         type=int,
         default=3,
-        help="Answers printed side by side. Default: 3.",
+        help="Answers printed side by side, those the judge scores apart first. "
+        "Default: 3.",
     )
     parser.add_argument("--out", type=Path, help="Write the results as JSON here.")
     return parser.parse_args(argv)
@@ -275,7 +276,11 @@ def report(result: dict, samples: int) -> List[str]:
         f"{result['wins']} wins, {result['ties']} ties, {result['losses']} losses of "
         f"{result['n']} scored)",
     ]
-    for answer in result["answers"][:samples]:
+    # the answers the judge tells apart first, then the rest, each in file order
+    answers = sorted(
+        result["answers"], key=lambda a: a["score_adapter"] == a["score_base"]
+    )
+    for answer in answers[:samples]:
         lines += [
             f"  {answer['where']}  {_short(answer['prompt'], 100)!r}",
             f"    with    {_short(answer['adapter'], 100)!r}  ({answer['score_adapter']})",

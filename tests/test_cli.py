@@ -357,3 +357,25 @@ def test_reports_are_short_plain_and_end_with_a_summary(
         assert len(printed) >= 3
         for name, value in printed.items():
             assert value == float(f"{last[split][name]:.4g}"), (split, name)
+
+
+def test_the_commands_list_every_method_and_close_help_with_examples():
+    proc = run_cli(check=False)
+    assert proc.returncode == 2
+    for name in (
+        "dpo",
+        "orpo",
+        "cpo",
+        "simpo",
+        "kto",
+        "grpo",
+        "rloo",
+        "evaluate",
+        "demo",
+    ):
+        assert name in proc.stderr, name
+    help_text = run_cli("lora", "--help").stdout
+    examples = help_text[help_text.index("starting points that worked") :]
+    for flags in ("--loss-type dpo --rpo-alpha 1", "--loss-type orpo", "--loss-type kto",
+                  "--loss-type grpo", "--log-completions", "--resume"):  # fmt: skip
+        assert flags in examples, flags
