@@ -115,6 +115,21 @@ def _process(processors, history, logits):
     return logits
 
 
+def greedy_completions(model, prompts, max_tokens: int, eos_ids, done=None) -> list:
+    """The greedy completion (token ids, without its EOS) of each of ``prompts`` (token id
+    lists), dropout off; ``done(k)`` after the k-th. Greedy decoding draws no random
+    number."""
+    greedy, stop = make_sampler(temp=0.0), set(eos_ids)
+    completions = []
+    with evaluation_mode(model):
+        for k, prompt in enumerate(prompts, start=1):
+            (ids,) = sample_group(model, prompt, 1, max_tokens, stop, greedy)
+            completions.append(ids[:-1] if ids and ids[-1] in stop else ids)
+            if done is not None:
+                done(k)
+    return completions
+
+
 def sample_completions(
     model, prompts, G, options, eos_ids, seeds=None
 ) -> List[List[int]]:

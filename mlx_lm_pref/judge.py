@@ -162,20 +162,13 @@ class Progress:
 
 
 def answers(model, tokenizer, prompt_ids, max_tokens, what) -> List[List[int]]:
-    """Greedy answers (token ids, without their EOS) of ``prompt_ids``."""
-    from mlx_lm.sample_utils import make_sampler
+    """Greedy answers (token ids, without their EOS) of ``prompt_ids``, with progress."""
+    from .generation import eos_token_ids, greedy_completions
 
-    from .generation import eos_token_ids, sample_group
-    from .reference import evaluation_mode
-
-    greedy, stop = make_sampler(temp=0.0), set(eos_token_ids(tokenizer))
-    progress, result = Progress(what, len(prompt_ids)), []
-    with evaluation_mode(model):
-        for k, ids in enumerate(prompt_ids, start=1):
-            (row,) = sample_group(model, ids, 1, max_tokens, stop, greedy)
-            result.append(row[:-1] if row and row[-1] in stop else row)
-            progress(k)
-    return result
+    progress = Progress(what, len(prompt_ids))
+    return greedy_completions(
+        model, prompt_ids, max_tokens, eos_token_ids(tokenizer), progress
+    )
 
 
 def scores(judge, rows, completions, completion_ids, conversational) -> np.ndarray:

@@ -15,12 +15,9 @@ import json
 from pathlib import Path
 from typing import List, Optional
 
-from mlx_lm.sample_utils import make_sampler
-
 from .console import is_main_rank
 from .data import Pair, _hf
-from .generation import eos_token_ids, sample_group
-from .reference import evaluation_mode
+from .generation import eos_token_ids, greedy_completions
 
 DEFAULT_COUNT = 4  # prompts, where num_completions_to_print is not given
 
@@ -105,20 +102,22 @@ class ValidationSamples:
         """The samples at this validation (rank 0 generates and writes; others: [])."""
         if not is_main_rank():
             return []
-        greedy, stop = make_sampler(temp=0.0), set(eos_token_ids(self.tokenizer))
-        samples = []
-        with evaluation_mode(model):
-            for prompt, tokens in self.prompts:
-                (ids,) = sample_group(model, tokens, 1, self.max_tokens, stop, greedy)
-                text = _hf(self.tokenizer).decode(ids, skip_special_tokens=True)
-                samples.append(
-                    {
-                        "split": "val",
-                        "iteration": iteration,
-                        "prompt": prompt,
-                        "completion": text,
-                    }
-                )
+        hf = _hf(self.tokenizer)
+        completions = greedy_completions(
+            model,
+            [tokens for _, tokens in self.prompts],
+            self.max_tokens,
+            eos_token_ids(self.tokenizer),
+        )
+        samples = [
+            {
+                "split": "val",
+                "iteration": iteration,
+                "prompt": prompt,
+                "completion": hf.decode(ids, skip_special_tokens=True),
+            }
+            for (prompt, _), ids in zip(self.prompts, completions)
+        ]
         if self.path is not None:
             with open(self.path, "a") as fid:
                 for sample in samples:
