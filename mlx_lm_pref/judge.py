@@ -283,11 +283,18 @@ def report(result: dict, samples: int) -> List[str]:
 
 
 def main(argv=None):
+    from .rewards import RewardError
+
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         result = evaluate(args)
     except (EvaluateError, DataError) as e:
         print(f"mlx_lm_pref evaluate: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except RewardError as e:  # the judge raised, or returned what is not a score each
+        message = str(e).replace("reward function 'judge'", f"--judge {args.judge}", 1)
+        message = message.replace(" at generation batch 0", "", 1)
+        print(f"mlx_lm_pref evaluate: error: {message}", file=sys.stderr)
         sys.exit(2)
     for line in report(result, args.samples):
         print(line)

@@ -14,6 +14,10 @@ def says_yes(completions, **kwargs):
     return [1.0 if c[0]["content"].startswith("Yes") else 0.0 for c in completions]
 
 
+def broken(completions, **kwargs):
+    return [1.0 / 0 for c in completions]
+
+
 def length(completions, chosen, **kwargs):
     # the rows' other fields arrive by name, one per completion
     assert len(chosen) == len(completions)
@@ -100,6 +104,10 @@ def test_a_file_the_first_prompts_and_no_samples(tiny_model, trained):
         (["--adapter-path", "EMPTY"], "no adapters.safetensors there"),
         (["--data", "BAD/test.jsonl"], "test.jsonl:2: "),
         (["--max-tokens", 0], "--max-tokens 0: at least 1"),
+        (
+            ["--judge", "JUDGE:broken", "--max-tokens", 2],
+            "raised ZeroDivisionError (judge",
+        ),
     ],
 )
 def test_bad_input_is_one_line(tiny_model, trained, change, message):
@@ -115,6 +123,8 @@ def test_bad_input_is_one_line(tiny_model, trained, change, message):
     argv = [x for kv in args.items() for x in kv]
     proc = run_cli("evaluate", *argv, check=False)
     assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
+    lines = [l for l in lines if not l.startswith("[mlx_lm_pref]")]  # progress
     assert len(lines) == 1 and lines[0].startswith("mlx_lm_pref evaluate: error: ")
     assert message in lines[0], lines[0]
