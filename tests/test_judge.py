@@ -7,7 +7,7 @@ import math
 import pytest
 from helpers import lora, run_cli, write_data, write_jsonl
 
-from mlx_lm_pref.judge import win_rate
+from mlx_lm_pref.judge import main, win_rate
 
 JUDGE = """
 def says_yes(completions, **kwargs):
@@ -23,6 +23,25 @@ def length(completions, chosen, **kwargs):
     assert len(chosen) == len(completions)
     return [float(len(c[0]["content"])) for c in completions]
 """
+
+
+class Proc:
+    """``mlx_lm_pref evaluate ARGV`` run in this process (it patches nothing): its exit
+    code and what it printed."""
+
+    def __init__(self, *argv, check=True):
+        import contextlib
+        import io
+
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main([str(a) for a in argv])
+                self.returncode = 0
+            except SystemExit as e:
+                self.returncode = e.code
+        self.stdout, self.stderr = out.getvalue(), err.getvalue()
+        assert not check or self.returncode == 0, self.stderr
 
 
 def test_win_rate_counts_ties_as_half_and_leaves_unscored_out():
@@ -54,6 +73,7 @@ def trained(tiny_model, tmp_path_factory):
 
 
 def test_evaluate_matches_a_hand_count_and_mlx_lm_generate(tiny_model, trained):
+    """The command itself, in a subprocess; the other tests call its main()."""
     from mlx_lm import load, stream_generate
 
     root, data = trained
@@ -89,7 +109,7 @@ def test_evaluate_matches_a_hand_count_and_mlx_lm_generate(tiny_model, trained):
 
 def test_a_file_the_first_prompts_and_no_samples(tiny_model, trained):
     root, data = trained
-    proc = run_cli("evaluate", "--model", tiny_model, "--adapter-path", root / "a",
+    proc = Proc("--model", tiny_model, "--adapter-path", root / "a",
                    "--data", data / "test.jsonl", "--judge", f"{root / 'judge.py'}:says_yes",
                    "--max-tokens", 4, "--num-prompts", 2, "--samples", 0)  # fmt: skip
     assert "2 prompts, judged by" in proc.stdout and "    with " not in proc.stdout
@@ -121,7 +141,7 @@ def test_bad_input_is_one_line(tiny_model, trained, change, message):
         args[key] = args[key].replace("BAD", str(root / "bad"))
         args[key] = args[key].replace("JUDGE", str(root / "judge.py"))
     argv = [x for kv in args.items() for x in kv]
-    proc = run_cli("evaluate", *argv, check=False)
+    proc = Proc(*argv, check=False)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
