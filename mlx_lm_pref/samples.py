@@ -38,10 +38,11 @@ def preference_prompts(dataset, count: int) -> list:
     )
 
 
-def sft_prompts(dataset, count: int) -> Optional[list]:
-    """``[(prompt, tokens)]``: the first ``count`` distinct prompts of mlx-lm's SFT
-    dataset (chat rows: the messages before the last assistant turn; prompt/completion
-    rows: the prompt as a user turn, as mlx-lm templates it), None for text rows."""
+def sft_prompts(dataset, count: int) -> Optional[tuple]:
+    """``([(prompt, tokens)], tokenizer)``: the first ``count`` distinct prompts of
+    mlx-lm's SFT dataset (chat rows: the messages before the last assistant turn;
+    prompt/completion rows: the prompt as a user turn, as mlx-lm templates it) and the
+    tokenizer that templated them; None for text rows."""
     if type(dataset).__name__ == "CacheDataset":
         dataset = dataset._data
     parts = (
@@ -71,7 +72,7 @@ def sft_prompts(dataset, count: int) -> Optional[list]:
                 )
                 yield prompt, list(tokens)
 
-    return _distinct(rows(), count)
+    return _distinct(rows(), count), parts[0].tokenizer
 
 
 def _distinct(pairs, count: int) -> list:

@@ -154,13 +154,13 @@ def sft_training(a: dict, run: PreferenceRun):
     mlx-lm's own loss, batches and reports; the guard (non-finite steps stop it, Ctrl-C ends
     it between steps) and the checkpoints of a preference run."""
     model, training_args = a["model"], a["args"]
+    resumed = _resumed(run.options, training_args)
     if run.options.log_completions:
-        _sft_samples(a, run.options, _resumed(run.options, training_args))
+        _sft_samples(a, run.options, resumed)
     if not run.options.writes_checkpoints:
         yield run
         return
     run.asked = run.options
-    resumed = _resumed(run.options, training_args)
     run.guard = RunGuard(model, (), training_args.adapter_file)
     run.checkpoints = RunCheckpoints(
         run, model, a["optimizer"], training_args, run.identity, {"strategy": None}
@@ -177,32 +177,20 @@ def sft_training(a: dict, run: PreferenceRun):
 def _sft_samples(a: dict, options, resumed) -> None:
     """log_completions in an SFT run: greedy answers to the first validation prompts after
     each validation report (text rows have no prompt: said once, no samples)."""
-    prompts = (
-        sft_prompts(a["val_dataset"], sample_count(options))
-        if a["val_dataset"]
-        else None
-    )
-    if not prompts:
+    found = a["val_dataset"] and sft_prompts(a["val_dataset"], sample_count(options))
+    if not found or not found[0]:
         log(
             "log_completions: the validation rows hold no prompt to answer; no samples."
         )
         return
+    prompts, tokenizer = found
     path = Path(a["args"].adapter_file).parent / COMPLETIONS_FILE
     if is_main_rank() and not resumed:
         path.unlink(missing_ok=True)
-    tokenizer = _sft_tokenizer(a["val_dataset"])
     samples = ValidationSamples(prompts, tokenizer, options.max_completion_length, path)
     a["training_callback"] = SampleReports(
         a["training_callback"], partial(samples, a["model"])
     )
-
-
-def _sft_tokenizer(dataset):
-    while not hasattr(dataset, "tokenizer"):
-        dataset = (
-            dataset._data if not isinstance(dataset._data, list) else dataset._data[0]
-        )
-    return dataset.tokenizer
 
 
 def start_training(run: PreferenceRun, a: dict) -> None:
