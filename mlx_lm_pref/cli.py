@@ -21,7 +21,8 @@ def main():
             f"usage: mlx_lm_pref {{{','.join(COMMANDS)}}} [options]\n"
             "  lora      mlx_lm.lora with --loss-type: dpo (and TRL's DPO loss family), "
             "orpo, cpo, simpo, kto, grpo, rloo\n"
-            "  demo      a method end to end on a built-in tiny model\n"
+            "  demo      a method end to end on a built-in tiny model (--model smollm2: on a "
+            "real one)\n"
             "  evaluate  an adapter's answers and the model's without it, scored by your "
             "judge function\n"
             "(each: mlx_lm_pref COMMAND --help)",

@@ -11,6 +11,7 @@ record of each split for the end-of-run summary (``summary_lines``).
 
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -120,10 +121,32 @@ def append_metrics(path: Optional[Path], split: str, iteration: int, metrics: di
         )
 
 
-def print_metrics(split: str, metrics: dict, names=None):
+def print_metrics(split: str, metrics: dict, names=None, suffix: str = ""):
     """One line under mlx-lm's own report line for the same iteration."""
     if is_main_rank():
-        print(f"        {split:<5} {format_metrics(metrics, names)}", flush=True)
+        line = f"        {split:<5} {format_metrics(metrics, names)}{suffix}"
+        print(line, flush=True)
+
+
+class Eta:
+    """The time a run has left, at the pace since its first training report (validation
+    included): from the second report on. The first report's pace would include the
+    compilation of the step."""
+
+    def __init__(self, iters: int, clock=time.perf_counter):
+        self.iters, self.clock = iters, clock
+        self.first = None  # (iteration, time) of the first report
+
+    def __call__(self, iteration: int) -> str:
+        now = self.clock()
+        if self.first is None:
+            self.first = (iteration, now)
+        start, then = self.first
+        if iteration <= start or iteration >= self.iters:
+            return ""
+        left = (now - then) / (iteration - start) * (self.iters - iteration)
+        minutes, seconds = divmod(round(left), 60)
+        return f"  · ETA {minutes}m{seconds:02d}s" if minutes else f"  · ETA {seconds}s"
 
 
 def print_samples(samples: list):
@@ -175,6 +198,8 @@ class PreferenceReporter(TrainingCallback):
         self.val_samples = None
         # DPO and KTO: validation metrics -> the degeneration warning, or None
         self.watch = None
+        # iteration -> the time left, shown at the end of training reports (or None)
+        self.eta = None
 
     def tokens_so_far(self) -> int:
         """TRL's ``num_tokens`` now: every token trained on, the steps since the last
@@ -184,7 +209,8 @@ class PreferenceReporter(TrainingCallback):
         return self.trained_tokens + int(round(pending))
 
     def record(self, split: str, iteration: int, metrics: dict):
-        print_metrics(split, metrics, self.shown)
+        eta = self.eta(iteration) if self.eta is not None and split == "train" else ""
+        print_metrics(split, metrics, self.shown, eta)
         append_metrics(self.path, split, iteration, metrics)
         self.last[split] = (iteration, metrics)
 

@@ -32,7 +32,13 @@ from .degeneration import WATCHED, DegenerationWatch, chosen_tokens
 from .evaluation import evaluate_preference
 from .grpo import reward_functions
 from .head import head_for, resolve_head_chunks
-from .metrics import METRICS_FILE, PreferenceReporter, SampleReports, shown_metrics
+from .metrics import (
+    METRICS_FILE,
+    Eta,
+    PreferenceReporter,
+    SampleReports,
+    shown_metrics,
+)
 from .objective import PreferenceLoss, metric_names
 from .precompute import model_fingerprint, precompute_reference
 from .reference import InitialAdapter, check_reference, resolve_reference
@@ -255,6 +261,7 @@ def start_training(run: PreferenceRun, a: dict) -> None:
         inner=a["training_callback"],
         shown=shown_metrics(options),
     )
+    run.reporter.eta = Eta(training_args.iters)
     run.description = _description(options, layout)
     if options.method in WATCHED and a["val_dataset"] and not resumed:
         val = preference_dataset_of(a["val_dataset"])

