@@ -112,7 +112,25 @@ def preference_batch(model, options, job):
         Pair(p["chosen"], p["rejected"], p["chosen_start"], p["rejected_start"])
         for p in job["pairs"]
     ]
+    if options.method == "kto":
+        pairs = kto_rows(pairs)
     return make_batch(pairs, 1 << 16, "bench", options.prompt_sharing)
+
+
+def kto_rows(pairs):
+    """KTO on the same data: each pair's chosen (desirable) and rejected (undesirable) as
+    rows, each with its KL row (its prompt and the next row's completion, as the product's
+    ``with_kl`` pairs them): 2B rows and 2B KL rows for B pairs."""
+    from mlx_lm_pref.data import Example
+
+    rows = [(p.chosen, p.chosen_start, True) for p in pairs]
+    rows += [(p.rejected, p.rejected_start, False) for p in pairs]
+    examples = []
+    for k, (sequence, start, label) in enumerate(rows):
+        other, other_start, _ = rows[(k + 1) % len(rows)]
+        kl = sequence[:start] + other[other_start:]
+        examples.append(Example(sequence, start, label, kl_sequence=kl))
+    return examples
 
 
 def layout_stats(batch):

@@ -149,9 +149,41 @@ class Eta:
         return f"  · ETA {minutes}m{seconds:02d}s" if minutes else f"  · ETA {seconds}s"
 
 
+def report_samples(samples: list, iteration: int, callback=None):
+    """``log_completions``' samples: printed, and a table when the run reports to wandb."""
+    print_samples(samples)
+    wandb = wandb_of(callback)
+    if wandb is not None and samples and is_main_rank():
+        wandb.log(
+            {"completions": sample_table(wandb, iteration, samples)}, step=iteration
+        )
+
+
+def wandb_of(callback):
+    """The wandb module when ``callback``'s chain (mlx-lm's ``--report-to``) has wandb's."""
+    while callback is not None:
+        if type(callback).__name__ == "WandBCallback":
+            import wandb
+
+            return wandb
+        callback = getattr(callback, "wrapped_callback", None)
+    return None
+
+
+def sample_table(wandb, iteration: int, samples: list):
+    """TRL's ``completions`` table: step, prompt, completion, then each reward and the
+    advantage where the samples have them (GRPO/RLOO)."""
+    scores = [k for k in samples[0] if k.startswith("rewards/") or k == "advantage"]
+    rows = [
+        [iteration, _text(s["prompt"]), _text(s["completion"]), *(s[k] for k in scores)]
+        for s in samples
+    ]
+    return wandb.Table(columns=["step", "prompt", "completion", *scores], data=rows)
+
+
 def print_samples(samples: list):
-    """``log_completions``: samples' prompts and completions (and rewards), a line each,
-    cut to the terminal's width."""
+    """Samples' prompts and completions (and rewards), a line each, cut to the terminal's
+    width."""
     if not is_main_rank():
         return
     width = max(shutil.get_terminal_size().columns, 60) - 8
@@ -168,10 +200,15 @@ def print_samples(samples: list):
         print(f"        {line}", flush=True)
 
 
+def _text(value) -> str:
+    """A prompt or completion as text: messages by their last one's content."""
+    if isinstance(value, list):
+        return value[-1]["content"] if value else ""
+    return str(value)
+
+
 def _short(value, limit=80) -> str:
-    if isinstance(value, list):  # messages: the last one's content
-        value = value[-1]["content"] if value else ""
-    text = " ".join(str(value).split())
+    text = " ".join(_text(value).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -228,7 +265,7 @@ class PreferenceReporter(TrainingCallback):
             self.upstream_tokens = self.upstream_offset + train_info["trained_tokens"]
         self.record("train", train_info["iteration"], metrics)
         if self.samples is not None:
-            print_samples(self.samples())
+            report_samples(self.samples(), train_info["iteration"], self.inner)
         if self.inner is not None:
             self.inner.on_train_loss_report({**train_info, **metrics})
 
@@ -241,7 +278,8 @@ class PreferenceReporter(TrainingCallback):
         if warning and is_main_rank():
             log(warning)
         if self.val_samples is not None:
-            print_samples(self.val_samples(val_info["iteration"]))
+            samples = self.val_samples(val_info["iteration"])
+            report_samples(samples, val_info["iteration"], self.inner)
         if self.inner is not None:
             prefixed = {f"val_{k}": v for k, v in metrics.items()}
             self.inner.on_val_loss_report(
@@ -263,7 +301,8 @@ class SampleReports(TrainingCallback):
     def on_val_loss_report(self, val_info: dict):
         if self.inner is not None:
             self.inner.on_val_loss_report(val_info)
-        print_samples(self.samples(val_info["iteration"]))
+        samples = self.samples(val_info["iteration"])
+        report_samples(samples, val_info["iteration"], self.inner)
 
 
 def summary_lines(run, adapter_path: Optional[Path]) -> list:

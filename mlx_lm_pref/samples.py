@@ -8,7 +8,7 @@ validates before the first step, so the first samples are the starting model's (
 LoRA's zero-initialised B, the reference's). Decoding is greedy (no random state is drawn)
 with dropout off, up to ``max_completion_length`` tokens or the first EOS. GRPO and RLOO
 log the completions they sample instead (``rollout.Rollouts``); both write
-``completions.jsonl`` and print through ``metrics.print_samples``.
+``completions.jsonl`` and print (and log to wandb) through ``metrics.report_samples``.
 """
 
 import json

@@ -67,6 +67,9 @@ def runs(tiny_model, tmp_path_factory):
         "sft": [root / "chat", *SAMPLES],
         "sft_plain": [root / "chat"],
         "text": [root / "text", *SAMPLES],
+        # last: wandb's run ends when the interpreter does (mlx-lm never finishes it)
+        "wandb": [pairs, *lr, "--loss-type", "orpo", *SAMPLES,
+                  "--num-completions-to-print", 2, "--report-to", "wandb"],
     }  # fmt: skip
     argv = {
         name: [
@@ -80,7 +83,9 @@ def runs(tiny_model, tmp_path_factory):
         ]
         for name, job in jobs.items()
     }
-    results = run_cli_many([(argv[name], root, {}) for name in jobs])
+    offline = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    env = {name: offline if name == "wandb" else {} for name in jobs}
+    results = run_cli_many([(argv[name], root, env[name]) for name in jobs])
     return root, dict(zip(jobs, results))
 
 
@@ -151,3 +156,25 @@ def test_text_rows_have_no_prompt_to_answer(runs):
         "text row, with no prompt to answer; give chat rows ('messages') or "
         "prompt/completion rows, or remove log_completions."
     ]
+
+
+def test_samples_are_a_wandb_table_with_report_to_wandb(runs):
+    root, results = runs
+    assert results["wandb"][0] == 0, results["wandb"][2][-2000:]
+    samples = read_samples(root / "wandb")
+    tables = sorted(
+        (root / "wandb").glob(
+            "wandb/offline-run-*/files/media/table/completions_*.json"
+        )
+    )
+    # one table per validation (TRL's columns), the rows those of completions.jsonl
+    assert len(tables) == 3 and len(samples) == 3 * 2
+    rows = []
+    for path in tables:
+        table = json.loads(path.read_text())
+        assert table["columns"] == ["step", "prompt", "completion"]
+        rows += table["data"]
+    expected = [
+        [s["iteration"], s["prompt"][-1]["content"], s["completion"]] for s in samples
+    ]
+    assert sorted(rows) == sorted(expected)
