@@ -236,7 +236,7 @@ def run_demo(args, model_path: str, model_seconds: float) -> dict:
         out / "chart.png",
         f"mlx_lm_pref demo: {args.loss_type} on {name}",
         success,
-        "held-out questions answered in one sentence",
+        "held-out: one fluent sentence",
     )
     seconds["total"] = time.perf_counter() - tic
     order = sorted(
