@@ -73,10 +73,8 @@ RECIPES = {
     },
 }
 RECIPES["rloo"] = {**RECIPES["grpo"], "beta": 0.05}  # TRL's RLOO beta
-# The methods that train on prompts alone, sampling and scoring their own completions, and
-# their recipes' options that only they take.
+# The methods that train on prompts alone, sampling and scoring their own completions.
 RL = ("grpo", "rloo")
-RL_OPTIONS = ("reward_funcs", "num_generations", "max_completion_length", "temperature")
 # ``quick`` still trains past the point where the preference is learned (~16 iterations).
 MODES = {
     "full": {"iters": 80, "per_template": 20},
@@ -217,31 +215,23 @@ def success_rate(prompts: list, answers: list) -> float:
 # Preference training through the patched mlx_lm.lora
 
 
-def lora_argv(
-    model_path: Path, data: Path, out: Path, loss_type: str, iters: int
-) -> list:
-    recipe = {**LORA, **RECIPES[loss_type]}
-    rl = []  # GRPO's and RLOO's own options
-    for name in RL_OPTIONS:
-        if name in recipe:
-            rl += [f"--{name.replace('_', '-')}", str(recipe[name])]
+def lora_argv(model, data: Path, out: Path, iters: int, recipe: dict) -> list:
+    """``mlx_lm_pref lora`` arguments: a training run of ``iters`` on ``data`` into ``out``
+    with ``recipe``'s options (mlx-lm's and the method's, by their YAML names), no
+    intermediate checkpoints, seed 0. Shared with the real-model demo (``demo.real``).
+    """
+    options = []
+    for name, value in recipe.items():
+        options += [f"--{name.replace('_', '-')}", str(value)]
     return [
-        "--model", str(model_path),
+        "--model", str(model),
         "--train",
         "--data", str(data),
-        "--loss-type", loss_type,
-        "--beta", str(recipe["beta"]),
-        "--learning-rate", str(recipe["learning_rate"]),
         "--iters", str(iters),
-        "--batch-size", str(recipe["batch_size"]),
-        "--num-layers", str(LORA["num_layers"]),
-        "--steps-per-report", str(LORA["steps_per_report"]),
-        "--steps-per-eval", str(LORA["steps_per_eval"]),
-        "--val-batches", "-1",
-        "--save-every", str(iters + 1),  # no intermediate checkpoints
+        "--save-every", str(iters + 1),
         "--adapter-path", str(out),
         "--seed", "0",
-        *rl,
+        *options,
     ]  # fmt: skip
 
 
@@ -494,7 +484,10 @@ def run_demo(args) -> dict:
         f"prompts answered politely. Training with {args.loss_type}:"
     )
 
-    lora = lora_argv(model_path, data, out, args.loss_type, mode["iters"])
+    recipe = {"loss_type": args.loss_type, **LORA, "val_batches": -1}
+    lora = lora_argv(
+        model_path, data, out, mode["iters"], {**recipe, **RECIPES[args.loss_type]}
+    )
     print(f"[demo] mlx_lm_pref lora {shlex.join(lora)}")
     t = time.perf_counter()
     run_lora(lora)

@@ -149,29 +149,6 @@ def judge(model, tokenizer, questions: list, answers: list) -> list:
     ]
 
 
-def lora_argv(model: str, data: Path, out: Path, loss_type: str, iters: int) -> list:
-    recipe = {**LORA, **RECIPES[loss_type]}
-    extra = ["--rpo-alpha", str(recipe["rpo_alpha"])] if "rpo_alpha" in recipe else []
-    return [
-        "--model", model,
-        "--train",
-        "--data", str(data),
-        "--loss-type", loss_type,
-        "--beta", str(recipe["beta"]),
-        "--learning-rate", str(recipe["learning_rate"]),
-        "--iters", str(iters),
-        "--batch-size", str(recipe["batch_size"]),
-        "--num-layers", str(recipe["num_layers"]),
-        "--steps-per-report", str(recipe["steps_per_report"]),
-        "--steps-per-eval", str(recipe["steps_per_eval"]),
-        "--val-batches", str(recipe["val_batches"]),
-        "--save-every", str(iters + 1),  # no intermediate checkpoints
-        "--adapter-path", str(out),
-        "--seed", "0",
-        *extra,
-    ]  # fmt: skip
-
-
 def _mean(values) -> float:
     return sum(values) / len(values)
 
@@ -213,7 +190,8 @@ def run_demo(args, model_path: str, model_seconds: float) -> dict:
         f"first sentence, rejected = the whole answer). Training with {args.loss_type}:"
     )
 
-    lora = lora_argv(model_path, data, out, args.loss_type, mode["iters"])
+    recipe = {"loss_type": args.loss_type, **LORA, **RECIPES[args.loss_type]}
+    lora = command.lora_argv(model_path, data, out, mode["iters"], recipe)
     print(f"[demo] mlx_lm_pref lora {' '.join(lora)}")
     t = time.perf_counter()
     command.run_lora(lora)
