@@ -359,6 +359,11 @@ def main():
         help="the RESULTS.md section written (default peers; e.g. peers-smollm2 for a "
         "run on the real model)",
     )
+    p.add_argument(
+        "--num-layers",
+        type=int,
+        help="LoRA on the top N layers, for every tool (default: every layer)",
+    )
     p.add_argument("--no-write", action="store_true")
     a = p.parse_args()
     configs = a.configs or (
@@ -397,6 +402,7 @@ def main():
                     "warmup": a.warmup,
                     "steps": steps,
                     "threads": a.threads,
+                    **({"num_layers": a.num_layers} if a.num_layers else {}),
                     **options,
                 }
                 print(

@@ -155,7 +155,7 @@ def time_method(method, job, tmp):
     gc.collect()
     mx.clear_cache()
     cfg = read_json(Path(job["model"]) / "config.json")
-    model = load_policy(job["model"], cfg["num_hidden_layers"])
+    model = load_policy(job["model"], job.get("num_layers") or cfg["num_hidden_layers"])
     ref = None
     if method == "dpo":
         ref = load_reference_model(

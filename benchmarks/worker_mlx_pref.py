@@ -46,14 +46,15 @@ from mlx.nn.utils import average_gradients  # noqa: E402
 from mlx.utils import tree_map  # noqa: E402
 
 
-def load_lora_model(path):
+def load_lora_model(path, num_layers=None):
+    """The model at ``path``, LoRA on its top ``num_layers`` layers (default: every one)."""
     from mlx_lm.tuner.utils import linear_to_lora_layers
     from mlx_lm.utils import load_model
 
     mx.random.seed(0)
     model, config = load_model(Path(path))
     model.freeze()
-    linear_to_lora_layers(model, config["num_hidden_layers"], dict(LORA))
+    linear_to_lora_layers(model, num_layers or config["num_hidden_layers"], dict(LORA))
     mx.eval(model.parameters())
     return model
 
@@ -204,7 +205,7 @@ def prepare(method, model_path, tokens, spans, job):
     """Load a fresh model for ``method`` and run its first (compiling, untimed) step,
     measuring the memory a step needs. Earlier methods' models stay loaded but idle, so the step's
     own figures are taken as growth over what was in use just before it."""
-    model = load_lora_model(model_path)
+    model = load_lora_model(model_path, job.get("num_layers"))
     run, batch, stats = build(method, model, tokens, spans, job)
     mx.clear_cache()
     trim_heap()

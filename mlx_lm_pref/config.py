@@ -414,6 +414,18 @@ class PreferenceArgs:
         },
     )
 
+    share_frozen_layers: str = field(
+        default="auto",
+        metadata={
+            "help": "The reference pass (adapters off, or the initial adapter) takes the "
+            "policy pass's hidden states below the first adapted layer, where both compute "
+            "the same thing, and runs only the layers from there up (the same numbers). "
+            "auto: where a probe batch checks out when training starts; false: the "
+            "reference runs every layer.",
+            "choices": ("auto", "false"),
+        },
+    )
+
     report_metrics: str = field(
         default="compact",
         metadata={
@@ -623,8 +635,9 @@ class PreferenceArgs:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
         set_("loss_type", _names(self.loss_type))
         set_("head_chunk_size", _chunk_size(self.head_chunk_size))
-        if isinstance(self.prompt_sharing, bool):  # YAML true/false
-            set_("prompt_sharing", str(self.prompt_sharing).lower())
+        for name in ("prompt_sharing", "share_frozen_layers"):
+            if isinstance(getattr(self, name), bool):  # YAML true/false
+                set_(name, str(getattr(self, name)).lower())
         if self.loss_weights is not None:
             set_("loss_weights", _floats(self.loss_weights))
         for name in ("reward_weights", "reward_clip_range"):
@@ -874,6 +887,13 @@ class PreferenceArgs:
     def needs_reference(self) -> bool:
         """DPO and KTO; GRPO and RLOO with a KL term (beta > 0)."""
         return self.method in ("dpo", "kto") or (self.generates and self.beta > 0)
+
+    @property
+    def live_reference(self) -> bool:
+        """A reference pass through the model at each step (``auto``, unresolved outside
+        a training run, is the base model's)."""
+        live = ("auto", "adapters_off", "initial_adapter")
+        return self.needs_reference and self.reference in live
 
     @property
     def weights(self) -> Tuple[float, ...]:

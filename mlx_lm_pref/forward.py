@@ -9,11 +9,13 @@ are the sampling distribution's, as TRL's): with tiles, the hidden states, which
 for a layer without a bias (one with a bias gets the whole logits).
 """
 
+from contextlib import nullcontext
 from functools import partial
 from typing import NamedTuple, Optional
 
 import mlx.core as mx
 
+from .frozen import entered_at, first_adapted_layer, recording
 from .head import Head, head_for, hidden_states, tiled_token_stats, vocab_mean
 from .logps import TokenStats, logits_token_stats
 from .sharing import shared_forward
@@ -37,6 +39,10 @@ class Forward(NamedTuple):
     prompt: Optional[mx.array] = None
     prompt_targets: Optional[mx.array] = None
     prompt_lengths: Optional[mx.array] = None
+    # What the last frozen layer returned, one array per model call (``frozen``): the
+    # reference pass over the same batch starts there; empty where nothing is shared.
+    frozen: tuple = ()
+    start: int = 0
 
     def _stats(self, x, targets, want, grad, after=None) -> TokenStats:
         if self.head is None:
@@ -73,16 +79,31 @@ def _scaled(forward, scale):
     return lambda inputs, cache=None: forward(inputs, cache=cache) * scale
 
 
-def run_model(model, batch, options, temperature=1.0) -> Forward:
+def run_model(model, batch, options, temperature=1.0, below=None) -> Forward:
     """The forward pass of ``batch``; with ``options.head_chunk_size`` resolved to tiles,
     up to the hidden states (the objectives run the output layer). ``temperature``
-    divides the logits."""
+    divides the logits. ``below``: the policy's ``Forward`` of the same batch, whose frozen
+    layers this pass (the reference's) takes instead of running them (``frozen``)."""
     head, tile = head_for(model, options.head_chunk_size)
     if head is not None and temperature != 1.0 and head.bias is not None:
         head = tile = None
     body = model if head is None else partial(hidden_states, model)
     if temperature != 1.0:
         body = _scaled(body, 1.0 / temperature)
+    start, outputs = 0, []
+    if below is not None and below.frozen:
+        frozen_layers = entered_at(model, below.start, below.frozen)
+    elif options.share_frozen_layers != "false" and options.live_reference:
+        start = first_adapted_layer(model)
+        frozen_layers = recording(model, start, outputs)
+    else:
+        frozen_layers = nullcontext()
+    with frozen_layers:
+        f = _forward(model, body, batch, head, tile)
+    return f._replace(frozen=tuple(outputs), start=start)
+
+
+def _forward(model, body, batch, head, tile) -> Forward:
     if not batch.shared:
         return Forward(body(batch.tokens[:, :-1]), batch.tokens[:, 1:], head, tile)
     prompts, lengths, rows = batch.tokens

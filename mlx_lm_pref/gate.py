@@ -68,6 +68,7 @@ HF_DATASET_KEYS |= FEATURES | {"mask_prompt"}
 # precomputed reference scores the model as training starts.
 RUN_MECHANICS = {"prompt_sharing", "head_chunk_size", "on_nonfinite", "report_metrics"}
 RUN_MECHANICS |= {"resume_from_checkpoint", "save_total_limit", "save_only_model"}
+RUN_MECHANICS |= {"share_frozen_layers"}
 
 # The option names given on the command line or in YAML, while upstream's ``main`` runs (it
 # parses the command line and calls ``run`` with no argument that could carry them).

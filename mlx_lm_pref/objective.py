@@ -160,9 +160,12 @@ def sequence_logps_dpo(model, batch: PreferenceBatch, options: PreferenceArgs):
     return _dpo_logps(f.stats(grad=False).logps, completion, options.ld_alpha)
 
 
-def _reference_logps(model, batch, completion, o: PreferenceArgs, initial, after):
-    """Per-sequence reference log-probs, gradient-free, from the same model (with tiles,
-    the reference's after the policy's: ``after``)."""
+def _reference_logps(
+    model, batch, completion, o: PreferenceArgs, initial, policy, after
+):
+    """Per-sequence reference log-probs, gradient-free, from the same model, on the frozen
+    layers of the ``policy`` pass (``frozen``); with tiles, after the policy's: ``after``.
+    """
     if o.reference == "precomputed":
         if batch.reference is None:  # a script's own batches, not the run's
             raise ValueError(
@@ -173,7 +176,8 @@ def _reference_logps(model, batch, completion, o: PreferenceArgs, initial, after
     if o.reference == "none":
         return mx.zeros((completion.shape[0],))
     with reference_context(model, o.reference, initial):
-        ref_logps = run_model(model, batch, o).stats(grad=False, after=after).logps
+        f = run_model(model, batch, o, below=policy)
+        ref_logps = f.stats(grad=False, after=after).logps
     return mx.stop_gradient(_dpo_logps(ref_logps, completion, o.ld_alpha))
 
 
@@ -201,7 +205,7 @@ def dpo_objective(model, batch, o: PreferenceArgs, initial=None, grad=True):
     stats = f.stats(frozenset(want), grad)
     logps = stats.logps
     policy = _dpo_logps(logps, completion, o.ld_alpha)
-    ref = _reference_logps(model, batch, completion, o, initial, after=[logps])
+    ref = _reference_logps(model, batch, completion, o, initial, f, after=[logps])
     lengths = completion.sum(axis=-1).astype(mx.float32)
     scores = f_divergence_scores(
         policy - ref, o.f_divergence_type, o.f_alpha_divergence_coef
@@ -338,7 +342,7 @@ def kto_objective(model, batch, o: PreferenceArgs, initial=None, grad=True):
     completion = span_mask(batch.spans, f.targets.shape[1])
     stats = f.stats(frozenset({"entropy", "vocab_mean"}), grad)
     policy = (stats.logps * completion).sum(axis=-1)  # (2B,), or (B,) without KL rows
-    ref = _reference_logps(model, batch, completion, o, initial, after=[stats.logps])
+    ref = _reference_logps(model, batch, completion, o, initial, f, [stats.logps])
     chosen = batch.labels
     rejected = 1 - chosen
     logratios = policy[:B] - ref[:B]

@@ -140,24 +140,30 @@ class Rollouts:
     def _evaluation(self, prompts, batch_size, comm_group=None):
         """Every rank samples and scores every evaluation batch whole (from the same
         seeds: the same samples), as KTO's evaluation: its sums over the ranks count each
-        completion once per rank, which their ratios cancel."""
+        completion once per rank, which their ratios cancel. Each group is seeded by its
+        prompt's place in the evaluation set, so its samples do not depend on the batch
+        size either."""
         per_batch = max(batch_size // self.options.num_generations, 1)
+        base = int(mx.random.randint(0, 1 << 30, ()).item())
         for first in range(0, len(prompts), per_batch):
             chunk = range(first, min(first + per_batch, len(prompts)))
             mine = [prompts[i] for i in chunk]
-            yield (self._rollout(mine, range(len(chunk)), 1, False, False)[0],)
+            yield (self._rollout(mine, chunk, 1, False, False, base)[0],)
 
     # ---- one generation batch ----
 
-    def _rollout(self, prompts, places, steps, stale, training) -> List[RolloutBatch]:
+    def _rollout(
+        self, prompts, places, steps, stale, training, base=None
+    ) -> List[RolloutBatch]:
         """Sample, score and cut one generation batch (this rank's ``prompts``, at
         ``places`` of the whole generation batch) into ``steps`` batches.
 
         Each group is sampled from a seed of its place and one number every rank draws
-        alike (their random states are in step): a group's samples do not depend on the
-        rank that samples it, so 2 ranks sample what one process does. After sampling
-        every rank's state is that number's again."""
-        base = int(mx.random.randint(0, 1 << 30, ()).item())
+        alike (their random states are in step), or ``base``: a group's samples do not
+        depend on the rank that samples it, so 2 ranks sample what one process does.
+        After sampling every rank's state is that number's again."""
+        if base is None:
+            base = int(mx.random.randint(0, 1 << 30, ()).item())
         G = self.options.num_generations
         ids = [p.ids for p in prompts]
         seeds = [base + 1 + place for place in places]
@@ -291,20 +297,22 @@ class Rollouts:
         o = self.options
         olds, refs = [None] * len(layouts), [None] * len(layouts)
         for k, (tokens, spans, groups) in enumerate(layouts):
-            batch = _Scored(tokens, spans, groups)
+            batch, policy = _Scored(tokens, spans, groups), None
             if old:
                 with evaluation_mode(self.model):
-                    olds[k] = self._logps(batch)
-            if o.beta:
+                    olds[k], policy = self._logps(batch)
+            if o.beta:  # on the sampling pass's frozen layers, where there is one
                 with reference_context(self.model, o.reference, self.initial):
-                    refs[k] = self._logps(batch)
+                    refs[k], _ = self._logps(batch, policy)
         return olds, refs
 
-    def _logps(self, batch):
-        f = run_model(self.model, batch, self.options, self.options.temperature)
+    def _logps(self, batch, below=None):
+        """The batch's per-token log-probs, and its ``Forward``."""
+        o = self.options
+        f = run_model(self.model, batch, o, o.temperature, below)
         logps = mx.stop_gradient(f.stats(grad=False).logps)
         mx.eval(logps)
-        return logps
+        return logps, f
 
     def _texts(self, prompts, completions):
         hf = _hf(self.tokenizer)

@@ -30,6 +30,7 @@ from .console import is_main_rank, log
 from .data import label_balance
 from .degeneration import WATCHED, DegenerationWatch, chosen_tokens
 from .evaluation import evaluate_preference
+from .frozen import log_frozen_layers, resolve_frozen_layers
 from .grpo import reward_functions
 from .head import head_for, resolve_head_chunks
 from .metrics import (
@@ -229,6 +230,8 @@ def start_training(run: PreferenceRun, a: dict) -> None:
         reference["strategy"] = options.reference
         where = " (the checkpoint's)" if resumed else ""
         log(f"{options.method} reference: {REFERENCE_NAMES[options.reference]}{where}")
+        options = resolve_frozen_layers(model, options)
+        log_frozen_layers(model, options)
     datasets = [
         preference_dataset_of(d) for d in (a["train_dataset"], a["val_dataset"]) if d
     ]
@@ -380,8 +383,10 @@ def _description(options, layout) -> str:
 
 
 def _checked_for(model, options):
-    """``options`` resolved for ``model`` (prompt sharing and tiles probed)."""
-    return resolve_head_chunks(model, resolve_prompt_sharing(model, options))
+    """``options`` resolved for ``model`` (prompt sharing, tiles and the frozen layers
+    probed)."""
+    options = resolve_head_chunks(model, resolve_prompt_sharing(model, options))
+    return resolve_frozen_layers(model, options)
 
 
 def _rollouts_for(run, model, options):

@@ -2,6 +2,7 @@
 in a fresh interpreter, and batches in both layouts. Fixtures live in ``conftest.py``.
 """
 
+import importlib
 import json
 import os
 import random
@@ -321,3 +322,41 @@ def free_port_pair():
         except OSError:
             continue
     raise RuntimeError("no two consecutive free ports")
+
+
+# A model of each architecture in mlx-lm, tiny (probes of prompt sharing, frozen layers).
+TINY_ANY = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    intermediate_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    rms_norm_eps=1e-5,
+    layer_norm_eps=1e-5,
+    norm_eps=1e-5,
+    vocab_size=64,
+    max_position_embeddings=256,
+    rope_theta=10000.0,
+    tie_word_embeddings=True,
+    sliding_window=4,
+    query_pre_attn_scalar=8,
+    attn_logit_softcapping=50.0,
+    final_logit_softcapping=30.0,
+    partial_rotary_factor=0.5,
+    rope_scaling=None,
+    attention_bias=False,
+    mlp_bias=False,
+    sliding_window_pattern=2,
+    use_qk_norm=True,
+    layer_norm_epsilon=1e-5,
+)
+
+
+def tiny_model_of(model_type, **overrides):
+    module = importlib.import_module(f"mlx_lm.models.{model_type}")
+    mx.random.seed(0)
+    args = module.ModelArgs.from_dict(
+        {**TINY_ANY, "model_type": model_type, **overrides}
+    )
+    return module.Model(args)

@@ -6,7 +6,7 @@ before the model loads. The equivalences: each case runs again as its *twin*, th
 with every option that claims not to change the numbers put back to its plain value
 (prompt sharing off, a live reference instead of a precomputed one, no gradient
 checkpointing, one batch of 2B pairs instead of two accumulated batches of B, the whole
-logits instead of the output layer in tiles), and the two must agree within float32 noise
+logits instead of the output layer in tiles, the reference through every layer), and the two must agree within float32 noise
 (``TOLERANCE``). A few cases also run on 2 ranks (``mlx.launch``, ring backend, loopback)
 against their one-process run.
 
@@ -70,6 +70,9 @@ FACTORS = {
     # log_completions: samples while training (the sampled ones in RL; greedy answers to 2
     # validation prompts at each validation otherwise), which must change no number
     "samples": [False, True],
+    # share_frozen_layers: the reference pass on the policy's layer below the adapters
+    # (LoRA on the top 1 of the tiny model's 2 layers), or through every layer
+    "frozen": ["auto", "false"],
 }
 # What the product refuses, one pair of values each, and the line that says so.
 REFUSED = [
@@ -108,7 +111,7 @@ def valid(case) -> bool:
     return not (case["checkpoint"] and case["sharing"] == "true")
 
 
-CASES = covering(FACTORS, valid, seed=1, prune=True)
+CASES = covering(FACTORS, valid, seed=8, prune=True)
 # Float32 noise (helpers.NOISE), measured over this design with OpenBLAS and with mlx's
 # bundled BLAS: metrics up to 1.6e-4 relative (2.3e-5 absolute: IPO's rewards/margins, a
 # difference of two log-ratios of ~65 nats each), adapter entries up to 4e-5 of the tensor's
@@ -201,7 +204,7 @@ def twin_of(case) -> dict:
     the sft term) weighs the two batches' tokens otherwise (``test_scale`` checks those
     on data of equal lengths)."""
     twin = dict(case, checkpoint=False, entry="mlx_lm_pref.lora", report="compact")
-    twin.update(save="all", samples=False)
+    twin.update(save="all", samples=False, frozen="false")
     if case["head"] == "64":
         twin["head"] = "0"
     if case["sharing"] == "true" or case["prompts"] == "long":
@@ -227,7 +230,7 @@ def resume_adapter(root, fine_tune):
         model, _ = load(str(TINY[0]))
         model.freeze()
         params = {"rank": 8, "dropout": 0.0, "scale": 20.0}
-        linear_to_lora_layers(model, 2, params, use_dora=fine_tune == "dora")
+        linear_to_lora_layers(model, 1, params, use_dora=fine_tune == "dora")
         mx.random.seed(1)
         trained = [
             (k, mx.random.normal(v.shape) * 0.01)
@@ -248,10 +251,11 @@ def command(case, root) -> list:
     args += ["--iters", 2 * case["accumulate"], "--batch-size", batch]
     args += ["--grad-accumulation-steps", case["accumulate"]]
     args += ["--steps-per-report", case["accumulate"], "--steps-per-eval", 100]
-    args += ["--val-batches", -1, "--num-layers", 2, "--seed", 0, "--save-every", 100]
+    args += ["--val-batches", -1, "--num-layers", 1, "--seed", 0, "--save-every", 100]
     args += ["--optimizer", "sgd", "--learning-rate", 0.05, "--max-seq-length", 512]
     args += ["--prompt-sharing", case["sharing"], "--fine-tune-type", case["fine_tune"]]
     args += ["--head-chunk-size", case["head"], "--report-metrics", case["report"]]
+    args += ["--share-frozen-layers", case["frozen"]]
     if loss == "cpo_hinge":
         args += ["--loss-type", "cpo", "--cpo-loss-type", "hinge"]
     elif loss in RL_LOSSES:
@@ -394,7 +398,7 @@ def key_of(case):
     return json.dumps(case, sort_keys=True)
 
 
-DISTRIBUTED = 3  # cases also run on 2 ranks
+DISTRIBUTED = 4  # cases also run on 2 ranks
 
 
 @pytest.fixture(scope="module")
@@ -433,11 +437,15 @@ def outcomes(tiny_model, tmp_path_factory):
 def distributed_cases():
     """Cases with a loss that is a mean over pairs (a token mean, as ORPO's NLL, is one per
     rank with several ranks, and only close): one with shared prompts, one precomputed,
-    one from two hf_dataset entries."""
+    one from two hf_dataset entries, one whose reference pass starts at the adapted layer
+    (share_frozen_layers)."""
     picks = [
         lambda c: c["prompts"] == "long" and c["sharing"] != "false",
         lambda c: c["reference"] == "precomputed",
         lambda c: c["source"] == "hf2",
+        lambda c: c["frozen"] == "auto"
+        and c["fine_tune"] != "full"
+        and c["reference"] in ("auto", "adapters_off", "initial_adapter"),
     ]
     chosen = []
     for pick in picks:
@@ -454,7 +462,7 @@ def distributed_cases():
 PLAIN = dict(loss="sigmoid", reference="auto", sharing="auto", prompts="short")
 PLAIN |= dict(fine_tune="lora", source="local", rows="standard", checkpoint=False)
 PLAIN |= dict(accumulate=1, test=False, head="auto", entry="mlx_lm_pref.lora")
-PLAIN |= dict(report="compact", save="all", samples=False)
+PLAIN |= dict(report="compact", save="all", samples=False, frozen="auto")
 
 
 def refused_case(bad):

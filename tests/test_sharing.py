@@ -3,8 +3,6 @@ gradients; the probe accepts the architectures it reproduces and turns sharing o
 refuses) for the others. (Training through the CLI is the same run either way, in every
 combination of options: ``test_combinations``.)"""
 
-import importlib
-
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -15,6 +13,7 @@ from helpers import (
     read_metrics,
     shared_layout,
     tiny_lora_model,
+    tiny_model_of,
     write_jsonl,
 )
 from mlx.utils import tree_flatten
@@ -118,41 +117,6 @@ def test_auto_shares_where_it_computes_fewer_positions():
     assert make_batch(short, 2048, "x", "true").shared
     assert not make_batch(long, 2048, "x", "false").shared
     assert not make_batch(long, 2048, "x").shared  # whole rows unless asked
-
-
-TINY = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    intermediate_size=64,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-    rms_norm_eps=1e-5,
-    layer_norm_eps=1e-5,
-    norm_eps=1e-5,
-    vocab_size=64,
-    max_position_embeddings=256,
-    rope_theta=10000.0,
-    tie_word_embeddings=True,
-    sliding_window=4,
-    query_pre_attn_scalar=8,
-    attn_logit_softcapping=50.0,
-    final_logit_softcapping=30.0,
-    partial_rotary_factor=0.5,
-    rope_scaling=None,
-    attention_bias=False,
-    mlp_bias=False,
-    sliding_window_pattern=2,
-    use_qk_norm=True,
-    layer_norm_epsilon=1e-5,
-)
-
-
-def tiny_model_of(model_type, **overrides):
-    module = importlib.import_module(f"mlx_lm.models.{model_type}")
-    mx.random.seed(0)
-    args = module.ModelArgs.from_dict({**TINY, "model_type": model_type, **overrides})
-    return module.Model(args)
 
 
 LLAMA3_ROPE = {
