@@ -28,9 +28,9 @@ from typing import Optional
 import mlx.core as mx
 
 from .console import log
-from .head import hidden_states, text_model
+from .head import text_model
 from .reference import ADAPTER_LAYERS, adapters_disabled, evaluation_mode
-from .sharing import PROBE_TOLERANCE, shared_forward
+from .sharing import PROBE_TOLERANCE, padded, probe_pairs, shared_forward
 
 
 def _is_adapter(module) -> bool:
@@ -146,19 +146,11 @@ def entered_at(model, start: int, outputs):
         yield
 
 
-def _probe_rows(vocab_size):
-    ids = [(7 * i + 3) % vocab_size for i in range(24)]
-    pad = lambda seqs: mx.array([s + [0] * (10 - len(s)) for s in seqs])  # noqa: E731
-    prompts, continuations = [ids[:6], ids[6:9]], [ids[9:12], ids[12:16], ids[16:18]]
-    continuations.append(ids[18:19])
-    return pad(prompts), mx.array([6, 3]), pad(continuations)
-
-
 def _both_ways(model, start, run):
     """``run(forward)``'s outputs (a list) as the reference computes them whole and
     entered at ``start`` from a policy pass; the largest difference relative to the
     largest entry, and the whole outputs."""
-    body = lambda inputs, cache=None: hidden_states(model, inputs, cache)  # noqa: E731
+    body = lambda inputs, cache=None: model(inputs, cache=cache)  # noqa: E731
     outputs = []
     with recording(model, start, outputs):
         mx.eval(run(body))
@@ -179,8 +171,10 @@ def frozen_layers_problem(model, shared: bool) -> Optional[str]:
     why not (a sentence)."""
     start = first_adapted_layer(model)
     vocab_size = getattr(getattr(model, "args", None), "vocab_size", 24)
-    prompts, lengths, continuations = _probe_rows(vocab_size)
-    runs = [lambda body: [body(continuations)]]
+    prompts, lengths, continuations, rows = probe_pairs(vocab_size)
+    prompts, lengths = padded(prompts), mx.array(lengths)
+    continuations, rows = padded(continuations), padded(rows)
+    runs = [lambda body: [body(rows)]]
     if shared:
         runs.append(
             lambda body: list(

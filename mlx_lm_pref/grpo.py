@@ -22,7 +22,9 @@ reduced as ``loss_type`` says. RLOO: the same clip on
 the sequence's summed log-ratio, averaged over sequences. ``logp_old`` is the sampling-time
 log-prob when the model moved since sampling (``num_iterations`` > 1, or a generation batch
 trained over several optimizer steps), else the log-prob itself, without gradient (ratio 1).
-Log-probs are of the logits divided by ``temperature``, as TRL's.
+Log-probs are of the logits divided by ``temperature``, as TRL's. GRPO's reference log-probs
+come from the step itself, a pass from the first adapted layer on the policy pass's frozen
+layers (``frozen``); RLOO's, which its rewards hold, from the sampling time.
 """
 
 import warnings
@@ -35,6 +37,7 @@ import numpy as np
 from .batching import SharedTokens
 from .forward import run_model
 from .logps import span_mask
+from .reference import reference_context
 from .rewards import check_reward_funcs
 
 STD_EPS = 1e-4  # TRL's: advantages / (std + 1e-4)
@@ -78,8 +81,8 @@ class RolloutBatch(NamedTuple):
     (N, 1 + Wc))`` with ``groups`` (N,) the prompt row of each continuation. ``spans``
     (N, 2): each completion's [start, end) in its row's token positions. ``kept`` (N,) 1.0,
     or 0.0 for a completion left out of the loss (``mask_truncated_completions``).
-    ``old_logps``/``ref_logps``: (N, T) per-token log-probs at sampling time and of the
-    reference, aligned with the targets (None when not needed). ``normalizer``: dapo's and
+    ``old_logps``: (N, T) per-token log-probs at sampling time, aligned with the targets
+    (None when not needed; the reference runs in the step). ``normalizer``: dapo's and
     cispo's divisor, the completion tokens of the whole generation batch over (ranks x
     steps per generation). ``rollout``: (K, 2) the metrics of the sampling (``ROLLOUT``
     order), numerators and denominators.
@@ -93,7 +96,6 @@ class RolloutBatch(NamedTuple):
     rollout: mx.array
     groups: Optional[mx.array] = None
     old_logps: Optional[mx.array] = None
-    ref_logps: Optional[mx.array] = None
 
     @property
     def shared(self) -> bool:
@@ -325,8 +327,11 @@ def rl_objective(model, batch: RolloutBatch, o, initial=None, grad=True):
             per_token = per_token * entropy_mask(
                 stats.entropy, mask, o.top_entropy_quantile
             )
-        if o.beta:
-            delta = batch.ref_logps - logps
+        if o.beta:  # the reference on this pass's frozen layers (``frozen``)
+            with reference_context(model, o.reference, initial):
+                ref = run_model(model, batch, o, o.temperature, below=f)
+                ref = ref.stats(grad=False, after=[logps]).logps
+            delta = mx.stop_gradient(ref) - logps
             kl = mx.exp(delta) - delta - 1
             if o.use_bias_correction_kl:  # TRL's default: the ratio weighs each token
                 kl = kl * coef

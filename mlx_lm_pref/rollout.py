@@ -232,7 +232,6 @@ class Rollouts:
                     rollout=mx.array(rollout),
                     groups=layout[2],
                     old_logps=olds[k] if stale else None,
-                    ref_logps=refs[k] if o.method == "grpo" and o.beta else None,
                 )
             )
         return batches
@@ -293,7 +292,8 @@ class Rollouts:
 
     def _score(self, layouts, old):
         """Per-token log-probs of each batch at sampling time (``old``) and of the
-        reference (beta > 0), gradient-free: lists of (N, T) arrays (or of None)."""
+        reference (RLOO with beta > 0), gradient-free: lists of (N, T) arrays (or of
+        None)."""
         o = self.options
         olds, refs = [None] * len(layouts), [None] * len(layouts)
         for k, (tokens, spans, groups) in enumerate(layouts):
@@ -301,7 +301,8 @@ class Rollouts:
             if old:
                 with evaluation_mode(self.model):
                     olds[k], policy = self._logps(batch)
-            if o.beta:  # on the sampling pass's frozen layers, where there is one
+            if o.beta and o.method == "rloo":  # its rewards hold the KL; on the
+                # sampling pass's frozen layers (GRPO's reference runs in the step)
                 with reference_context(self.model, o.reference, self.initial):
                     refs[k], _ = self._logps(batch, policy)
         return olds, refs

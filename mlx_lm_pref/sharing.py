@@ -110,24 +110,28 @@ def shared_forward(forward, layers, prompts, prompt_lengths, continuations, inde
     return prompt_outputs, forward(continuations, cache=cache)
 
 
-def _probe(model, vocab_size):
-    """Two pairs with prompts of 6 and 3 inputs and continuations of 1 to 4 tokens, run as
-    whole rows and shared; the largest logit difference over the real positions, relative
-    to the largest logit, and the whole rows' logits."""
+def probe_pairs(vocab_size):
+    """Two pairs with prompts of 6 and 3 inputs and continuations of 1 to 4 tokens (chosen,
+    then rejected): ``(prompts, lengths, continuations, rows)``, the token lists (the whole
+    rows too) and the prompts' lengths."""
     ids = [(7 * i + 3) % vocab_size for i in range(24)]
-    lengths = [6, 3]
-    prompts = [ids[:6], ids[6:9]]
-    continuations = [
-        ids[9:12],
-        ids[12:16],
-        ids[16:18],
-        ids[18:19],
-    ]  # chosen, then rejected
+    prompts, lengths = [ids[:6], ids[6:9]], [6, 3]
+    continuations = [ids[9:12], ids[12:16], ids[16:18], ids[18:19]]
     rows = [prompts[k % 2] + c for k, c in enumerate(continuations)]
-    pad = lambda seqs: mx.array([s + [0] * (10 - len(s)) for s in seqs])  # noqa: E731
-    whole = model(pad(rows))
+    return prompts, lengths, continuations, rows
+
+
+def padded(sequences, width=10):
+    return mx.array([s + [0] * (width - len(s)) for s in sequences])
+
+
+def _probe(model, vocab_size):
+    """The probe pairs run as whole rows and shared; the largest logit difference over the
+    real positions, relative to the largest logit, and the whole rows' logits."""
+    prompts, lengths, continuations, rows = probe_pairs(vocab_size)
+    whole = model(padded(rows))
     prompt_logits, logits = shared_forward(
-        model, model.layers, pad(prompts), mx.array(lengths), pad(continuations)
+        model, model.layers, padded(prompts), mx.array(lengths), padded(continuations)
     )
     error = 0.0
     for k, c in enumerate(continuations):

@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 from helpers import (
     TILED,
-    lora,
-    make_rows,
     random_batch,
     read_metrics,
+    run_cli_many,
     shared_layout,
     tiny_model_of,
-    write_jsonl,
+    write_data,
 )
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models import llama
@@ -237,16 +236,65 @@ def test_probe_turns_the_sharing_off_where_it_would_be_wrong(capsys):
     assert "frozen layers not shared with the reference" in capsys.readouterr().out
 
 
-def test_cli_says_so_and_false_turns_it_off(tiny_model, tmp_path):
-    write_jsonl(tmp_path / "data" / "train.jsonl", make_rows(8, 1))
-    write_jsonl(tmp_path / "data" / "valid.jsonl", make_rows(4, 2))
+def test_cli_training_and_test_alone_say_so_and_equal_false(tiny_model, tmp_path):
+    """Training (validation included) and --test alone, with LoRA on the top 1 of the tiny
+    model's 2 layers: the line, and the same metrics as with the option off."""
+    data = write_data(tmp_path / "data", n_train=8, n_valid=4, n_test=4)
     said = "reference pass from layer 1 of 2: the 1 frozen layers below"
-    runs = {}
+    jobs = []
     for share in ("auto", "false"):
-        out = lora(tiny_model, tmp_path / "data", tmp_path / share, "--train", "--loss-type", "dpo",
-                   "--num-layers", 1, "--iters", 2, "--batch-size", 2,
-                   "--steps-per-eval", 2, "--val-batches", -1,
-                   "--share-frozen-layers", share)  # fmt: skip
-        assert (said in out.stdout) == (share == "auto")
-        runs[share] = [m for m in read_metrics(tmp_path / share) if m["split"] == "val"]
-    assert runs["auto"] == runs["false"] and len(runs["auto"]) == 2
+        common = ["--model", tiny_model, "--data", data, "--adapter-path", tmp_path / share,
+                  "--batch-size", 2, "--share-frozen-layers", share]  # fmt: skip
+        jobs.append((common + ["--train", "--loss-type", "dpo", "--num-layers", 1,
+                               "--iters", 2, "--steps-per-eval", 2, "--val-batches", -1],
+                     tmp_path, {}))  # fmt: skip
+        jobs.append((common + ["--test"], tmp_path, {}))
+    results = run_cli_many(jobs)
+    for code, out, err in results:
+        assert code == 0, err[-3000:]
+    assert said in results[0][1] and said not in results[2][1]
+    runs = {share: read_metrics(tmp_path / share) for share in ("auto", "false")}
+    splits = [m["split"] for m in runs["auto"]]
+    assert splits.count("val") == 2 and "train" in splits and splits[-1] == "test"
+    assert runs["auto"] == runs["false"]
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_grpo_reference_in_the_step_bit_for_bit(loss_type, monkeypatch):
+    """GRPO's reference runs in the training step, on the policy pass's frozen layers."""
+    from mlx_lm_pref.grpo import RolloutBatch, rl_objective, rollout_metric_names
+
+    model = model_with()
+    rng = np.random.default_rng(4)
+    tokens = mx.array(rng.integers(3, 50, (4, 12)), mx.int32)
+    spans = mx.array([[5, 12], [5, 9], [7, 12], [7, 10]], mx.int32)
+    calls = LayerCalls(monkeypatch)
+    results = {}
+    for share in ("auto", "false"):
+        o = PreferenceArgs(loss_type=loss_type, beta=0.04, share_frozen_layers=share,
+                           reward_funcs="think_format_reward")  # fmt: skip
+        o = o.replace(reference="adapters_off")
+        batch = RolloutBatch(
+            tokens=tokens,
+            spans=spans,
+            advantages=mx.array([1.0, -1.0, 0.5, -0.5]),
+            kept=mx.ones((4,)),
+            normalizer=mx.array(20.0),
+            rollout=mx.zeros((len(rollout_metric_names(o)), 2)),
+        )
+        objective = lambda model: rl_objective(model, batch, o)[0]  # noqa: E731
+        calls.count = 0
+        loss, grads = nn.value_and_grad(model, objective)(model)
+        _, metrics = rl_objective(model, batch, o)
+        results[share] = (
+            loss,
+            metrics["kl"][0],
+            dict(tree_flatten(grads)),
+            calls.count,
+        )
+    (loss, kl, grads, shared), (w_loss, w_kl, w_grads, whole) = results.values()
+    assert loss.item() == w_loss.item() and kl.item() == w_kl.item() and kl.item() > 0
+    for name, g in grads.items():
+        assert mx.array_equal(g, w_grads[name]).item(), name
+    assert (shared, whole) == (2 * (2 * LAYERS - ADAPTED), 2 * 2 * LAYERS)
