@@ -48,26 +48,11 @@ from bench_common import (  # noqa: E402
     median,
     write_section,
 )
-from worker_mlx_pref import compiled_train_step, kto_rows  # noqa: E402
-
-
-def compiled_forward(model):
-    """One compiled forward pass with the whole sequences' summed log-probs, no gradient:
-    what a reference pass through every layer costs."""
-    from mlx_lm_pref.logps import span_mask, token_logps
-
-    @mx.compile
-    def forward(tokens, lengths):
-        logps = token_logps(model(tokens[:, :-1]), tokens[:, 1:])
-        return (logps * span_mask(lengths, logps.shape[1])).sum(axis=-1)
-
-    def run(batch):
-        out = forward(*batch)
-        mx.eval(out)
-        return out
-
-    return run
-
+from worker_mlx_pref import (  # noqa: E402
+    compiled_forward,
+    compiled_train_step,
+    kto_rows,
+)
 
 QWEN_LIKE = dict(
     model_type="qwen2",
