@@ -18,7 +18,13 @@ B = 2 one-sentence pairs (prompts of 20-40 tokens, chosen answers of 8-24, rejec
   batch, and on whole rows (``+rows``, the (2B, L) rows SFT trains on);
 - ``kto`` likewise, on the same pairs unpaired (2B rows + 2B KL rows), against ``sft-kto``:
   mlx-lm's ``default_loss`` over the same 4B sequences (KTO's rows: an SFT step on them);
-- ``orpo`` (no reference: unchanged by the option, a control).
+- ``orpo`` (no reference: unchanged by the option, a control);
+- ``grpo`` (``--methods sft grpo grpo:false grpo@beta0``): GRPO's training step with its
+  reference in the step (beta 0.04), ``:false`` through every layer, ``@beta0`` without a
+  reference (TRL's default), on the same 2B rows as groups of 2.
+
+``--num-layers 30`` (every layer of SmolLM2 adapted) leaves nothing to share: ``auto`` and
+``false`` run the same graph, so their ratio is the measurement's noise.
 
 Each method has its own model (LoRA rank 8, scale 20, the top N layers, Adam); after two
 untimed steps (compiling) the timed steps go round-robin over the methods. Prints the median
@@ -135,6 +141,10 @@ def build(method, name, num_layers, pairs):
         tokens, lengths = sft_rows(sequences)
         return compiled_forward(model), (tokens, lengths)
     spec, _, share = method.partition(":")
+    if spec.startswith("grpo"):
+        loss = grpo_loss(spec, share)
+        model[METRICS_ATTRIBUTE] = mx.zeros((len(loss.metric_names), 2))
+        return compiled_train_step(model, opt, loss), (rollout_batch(pairs, loss),)
     spec, rows = spec.removesuffix("+rows"), spec.endswith("+rows")
     loss_type, _, reference = spec.partition("@")
     layout = "false" if rows else "auto"
@@ -151,11 +161,53 @@ def build(method, name, num_layers, pairs):
     return compiled_train_step(model, opt, loss), (batch,)
 
 
+def grpo_loss(spec, share):
+    """GRPO's loss (TRL's default ``loss_type`` dapo) with its reference (the adapters
+    off) at beta 0.04, or none (``grpo@beta0``: TRL's default beta 0)."""
+    from mlx_lm_pref.config import PreferenceArgs
+    from mlx_lm_pref.objective import PreferenceLoss
+
+    beta = 0.0 if spec == "grpo@beta0" else 0.04
+    options = PreferenceArgs(
+        loss_type="dapo",
+        beta=beta,
+        num_generations=2,
+        reward_funcs="think_format_reward",
+        share_frozen_layers=share or "auto",
+        prompt_sharing="false",
+    )
+    return PreferenceLoss(
+        options.replace(reference="adapters_off") if beta else options
+    )
+
+
+def rollout_batch(pairs, loss):
+    """The pairs' 2B sequences as a GRPO training batch on whole rows: each prompt's group
+    of G = 2 completions (chosen, rejected), advantages +1 / -1."""
+    from mlx_lm_pref.grpo import RolloutBatch, rollout_metric_names
+
+    sequences = [s for p in pairs for s in (p.chosen, p.rejected)]
+    tokens, lengths = sft_rows(sequences)
+    starts = [p.chosen_start for p in pairs for _ in range(2)]
+    n = len(sequences)
+    return RolloutBatch(
+        tokens=tokens,
+        spans=mx.array([[a, len(s)] for a, s in zip(starts, sequences)], mx.int32),
+        advantages=mx.array([1.0, -1.0] * (n // 2)),
+        kept=mx.ones((n,)),
+        normalizer=mx.array(float(sum(len(s) - a for a, s in zip(starts, sequences)))),
+        rollout=mx.zeros((len(rollout_metric_names(loss.options)), 2)),
+    )
+
+
 METHODS = ["sft", "dpo", "dpo:false", "dpo+rows", "dpo+rows:false", "orpo"]
 METHODS += ["sft-kto", "kto", "kto:false", "kto+rows", "kto+rows:false"]
 # Where a DPO step's time goes (--methods ... dpo@none forward): dpo@none is the policy part
 # alone (no reference pass), forward a compiled forward pass through every layer.
 PROFILE = ["dpo@none", "dpo@none+rows", "forward"]
+# GRPO's reference in the training step (beta 0.04, whole rows: SFT's rows), with and
+# without the frozen layers shared, and TRL's default beta 0 (no reference) as a control.
+GRPO = ["grpo", "grpo:false", "grpo@beta0"]
 
 
 def measure(name, num_layers, steps, warmup, methods):
@@ -187,7 +239,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     p.add_argument("--num-layers", nargs="+", type=int, default=[8, 16])
-    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS + PROFILE)
+    p.add_argument(
+        "--methods", nargs="+", default=METHODS, choices=METHODS + PROFILE + GRPO
+    )
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--section", default="frozen", help="the RESULTS.md section written")
@@ -232,7 +286,15 @@ def main():
         + ("shared prompts" if shared else "whole rows")
         + "), `+rows`: whole rows. `sft`: mlx-lm's default_loss over the same 2B rows; "
         "`sft-kto`: over KTO's 4B sequences (rows and KL rows), the `x SFT` of the kto rows. "
-        f"LoRA rank {LORA['rank']}, scale {LORA['scale']}, on the top N layers; Adam. "
+        + (
+            "`grpo`: GRPO's training step (loss_type dapo, beta 0.04, reference adapters_off "
+            "in the step) over the same 2B rows as one group of G = 2 per prompt, whole "
+            "rows; `grpo@beta0`: beta 0 (no reference pass). "
+            if any(m.startswith("grpo") for m in a.methods)
+            else ""
+        )
+        + f"LoRA rank {LORA['rank']}, scale {LORA['scale']}, on the top N layers (30: "
+        "every one, nothing to share); Adam. "
         f"Median of {a.steps} steps after {a.warmup} untimed, round-robin over the methods.",
         "",
         *lines,

@@ -249,9 +249,16 @@ def lora_here(argv, entry="mlx_lm_pref.lora"):
     else:
         from mlx_lm_pref.cli import lora
 
+    import mlx_lm.tuner.trainer as trainer
+
     out, err = io.StringIO(), io.StringIO()
-    saved = sys.argv
-    sys.argv = [entry, *map(str, argv)]
+    saved, checkpoint, checkpointed = sys.argv, trainer.grad_checkpoint, {}
+
+    def grad_checkpoint(layer):  # replaces the layer class's __call__ for good
+        checkpointed.setdefault(type(layer), type(layer).__call__)
+        checkpoint(layer)
+
+    sys.argv, trainer.grad_checkpoint = [entry, *map(str, argv)], grad_checkpoint
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
@@ -259,8 +266,10 @@ def lora_here(argv, entry="mlx_lm_pref.lora"):
                 code = 0
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv = saved
+    finally:  # the next run in this interpreter starts as a fresh one would
+        sys.argv, trainer.grad_checkpoint = saved, checkpoint
+        for cls, call in checkpointed.items():
+            cls.__call__ = call
     return code, out.getvalue(), err.getvalue()
 
 
@@ -307,6 +316,17 @@ def run_cli_many(jobs, timeout=900):
     if proc.returncode != 0 or not results.exists():
         raise AssertionError(f"the driver failed:\n{proc.stderr[-4000:]}")
     return json.loads(results.read_text())
+
+
+def lora_runs(runs, entry="mlx_lm_pref.lora"):
+    """``(argv, cwd)`` runs of ``<entry> <argv>`` one after another in one fresh interpreter
+    (``run_cli_many``), each a ``subprocess.CompletedProcess`` as ``run_cli`` returns:
+    for parametrized cases that each refuse or train briefly, whose interpreter start
+    would cost more than the run."""
+    results = run_cli_many([(argv, cwd, {}, entry) for argv, cwd in runs])
+    return [
+        subprocess.CompletedProcess(argv, *r) for (argv, _), r in zip(runs, results)
+    ]
 
 
 def free_port_pair():

@@ -11,7 +11,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import lora, make_rows, read_metrics, run_cli, write_data, write_jsonl
+from helpers import (
+    lora,
+    lora_runs,
+    make_rows,
+    read_metrics,
+    run_cli,
+    write_data,
+    write_jsonl,
+)
 
 OFF = {
     "MLX_LM_PREF_NO_AUTOPATCH": "1"
@@ -207,39 +215,52 @@ def test_bad_row_stops_before_anything_is_written(tiny_model, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+UNSUPPORTED = [
+    (
+        "loss_type: dpoo\n",
+        "mlx_lm_pref: error: Unknown loss_type 'dpoo'. Valid values: sft, dpo, orpo, cpo, simpo",
+    ),
+    (
+        "loss_type: dpo\nreference: adapters_off\nfine_tune_type: full\n",
+        "full fine-tuning has none",
+    ),
+    (
+        "loss_type: ipo\nreference: initial_adapter\nfine_tune_type: full\n",
+        "full fine-tuning has none",
+    ),
+    ("loss_type: dpo\nbeta: 0\n", "beta must be > 0"),
+    ("loss_type: aot\nbatch_size: 1\n", "Use --batch-size 2 or more per rank"),
+    ("loss_type: exo_pair\n", "exo_pair needs label_smoothing > 0"),
+]
+
+
+@pytest.fixture(scope="module")
+def unsupported_runs(tiny_model, tmp_path_factory):
+    """Each of UNSUPPORTED's configs run (in one interpreter: ``lora_runs``), with its
+    folder."""
+    runs = []
+    for k, (extra, _) in enumerate(UNSUPPORTED):
+        folder = tmp_path_factory.mktemp(f"unsupported{k}")
+        config = folder / "c.yaml"
+        config.write_text(
+            f"model: {tiny_model}\ndata: {folder}\nadapter_path: {folder / 'out'}\n{extra}"
+        )
+        runs.append((["--config", config, "--train"], folder))
+    return list(zip(lora_runs(runs), [folder for _, folder in runs]))
+
+
 @pytest.mark.parametrize(
-    "extra,message",
-    [
-        (
-            "loss_type: dpoo\n",
-            "mlx_lm_pref: error: Unknown loss_type 'dpoo'. Valid values: sft, dpo, orpo, cpo, simpo",
-        ),
-        (
-            "loss_type: dpo\nreference: adapters_off\nfine_tune_type: full\n",
-            "full fine-tuning has none",
-        ),
-        (
-            "loss_type: ipo\nreference: initial_adapter\nfine_tune_type: full\n",
-            "full fine-tuning has none",
-        ),
-        ("loss_type: dpo\nbeta: 0\n", "beta must be > 0"),
-        ("loss_type: aot\nbatch_size: 1\n", "Use --batch-size 2 or more per rank"),
-        ("loss_type: exo_pair\n", "exo_pair needs label_smoothing > 0"),
-    ],
+    "case",
+    range(len(UNSUPPORTED)),
+    ids=[extra.strip().replace("\n", ", ") for extra, _ in UNSUPPORTED],
 )
-def test_unsupported_settings_are_refused_before_loading(
-    tiny_model, tmp_path, extra, message
-):
-    config = tmp_path / "c.yaml"
-    config.write_text(
-        f"model: {tiny_model}\ndata: {tmp_path}\nadapter_path: {tmp_path / 'out'}\n{extra}"
-    )
-    proc = run_cli("lora", "--config", config, "--train", check=False)
+def test_unsupported_settings_are_refused_before_loading(unsupported_runs, case):
+    (proc, folder), message = unsupported_runs[case], UNSUPPORTED[case][1]
     assert proc.returncode == 2 and message in proc.stderr
     assert "Traceback" not in proc.stderr  # a message, not a stack
     assert len(proc.stderr.strip().splitlines()) == 1
     assert "Loading pretrained model" not in proc.stdout
-    assert not (tmp_path / "out").exists()
+    assert not (folder / "out").exists()
 
 
 def test_num_layers_beyond_the_model_is_one_line_before_loading(tiny_model, tmp_path):

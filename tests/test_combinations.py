@@ -10,9 +10,10 @@ logits instead of the output layer in tiles, the reference through every layer),
 (``TOLERANCE``). A few cases also run on 2 ranks (``mlx.launch``, ring backend, loopback)
 against their one-process run.
 
-A case and its twin run one after the other in one interpreter (``helpers.run_cli_many``:
-the command's own code, ``mlx_lm_pref.cli.lora``, with its argv), two interpreters at a
-time: the model is tiny, so a run is mostly the import of mlx-lm and transformers.
+The cases run one after another in a few interpreters (``helpers.run_cli_many``: the
+command's own code, ``mlx_lm_pref.cli.lora``, with its argv), each case followed by its
+twin, two interpreters at a time: the model is tiny, so an interpreter's start (importing
+mlx-lm and transformers) costs as much as a case.
 """
 
 import json
@@ -399,6 +400,7 @@ def key_of(case):
 
 
 DISTRIBUTED = 4  # cases also run on 2 ranks
+INTERPRETERS = 4  # the single-process runs share them, two at a time
 
 
 @pytest.fixture(scope="module")
@@ -422,9 +424,13 @@ def outcomes(tiny_model, tmp_path_factory):
     groups.append(
         [(key_of(c), c, root / "refused" / f"run{i}") for i, c in enumerate(refused)]
     )
+    # a few interpreters, each running its share of the groups one after another: an
+    # interpreter's start (importing mlx-lm, transformers) costs as much as a case's runs
+    groups = [g for g in groups if g]
+    chunks = [sum(groups[k::INTERPRETERS], []) for k in range(INTERPRETERS)]
     results = {}
     with ThreadPoolExecutor(2) as pool:
-        futures = [pool.submit(run_group, g) for g in groups if g]
+        futures = [pool.submit(run_group, chunk) for chunk in chunks]
         futures += [
             pool.submit(run_distributed, c, root / f"distributed{i}")
             for i, c in enumerate(distributed_cases())

@@ -6,7 +6,15 @@ import json
 import math
 
 import pytest
-from helpers import lora, make_rows, read_metrics, run_cli, write_data, write_jsonl
+from helpers import (
+    lora,
+    lora_runs,
+    make_rows,
+    read_metrics,
+    run_cli,
+    write_data,
+    write_jsonl,
+)
 
 SHORT = ["--iters", "2", "--batch-size", "2", "--num-layers", "2", "--seed", "0"]
 SHORT += ["--steps-per-report", "1", "--val-batches", "-1"]
@@ -145,7 +153,7 @@ def refused(proc, tmp_path, *expected):
     return lines[-1]
 
 
-def yaml_run(tiny_model, tmp_path, data, **keys):
+def yaml_config(tiny_model, tmp_path, data, **keys):
     config = tmp_path / "c.yaml"
     lines = [
         f"model: {tiny_model}",
@@ -154,28 +162,76 @@ def yaml_run(tiny_model, tmp_path, data, **keys):
     ]
     lines += [f"{k}: {v}" for k, v in keys.items()]
     config.write_text("\n".join(lines) + "\n")
+    return config
+
+
+def yaml_run(tiny_model, tmp_path, data, **keys):
+    config = yaml_config(tiny_model, tmp_path, data, **keys)
     return run_cli("lora", "--config", config, "--train", *SHORT, check=False)
 
 
-@pytest.mark.parametrize(
-    "keys,expected",
-    [
-        (dict(loss_type="dpo", use_weighting='"false"'), ["use_weighting must be true or false", "string"]),
-        (dict(loss_type="dpo", beta="abc"), ["beta must be a number, got 'abc'"]),
-        (dict(loss_tpye="dpo"), ["unknown key 'loss_tpye'; did you mean 'loss_type'?"]),
-        (dict(loss_type="dpo", lerning_rate="1e-4"), ["did you mean 'learning_rate'?"]),
-        (dict(loss_type="dpo", mask_prompt="true"), ["--mask-prompt", "Remove"]),
-        (dict(loss_type="orpo", reference="precomputed"), ["ORPO has no reference model"]),
-        (dict(loss_type="dpoo"), ["Unknown loss_type 'dpoo'", "Did you mean 'dpo'?"]),
-        (dict(loss_type="dpo", reference="adapters-off"), ["Did you mean 'adapters_off'?"]),
-        (dict(loss_type="kto", max_length=1024), ["'max_length' is TRL's name", "use max_seq_length"]),
-    ],
-    ids=["string-bool", "float", "misspelt-key", "misspelt-upstream-key", "mask-prompt",
-         "reference-without-one", "misspelt-loss", "misspelt-reference", "trl-name"],
-)  # fmt: skip
-def test_bad_options_are_one_line(tiny_model, tmp_path, keys, expected):
-    data = write_data(tmp_path / "data", n_train=8, n_valid=4)
-    refused(yaml_run(tiny_model, tmp_path, data, **keys), tmp_path, *expected)
+BAD_OPTIONS = {
+    "string-bool": (dict(loss_type="dpo", use_weighting='"false"'), ["use_weighting must be true or false", "string"]),
+    "float": (dict(loss_type="dpo", beta="abc"), ["beta must be a number, got 'abc'"]),
+    "misspelt-key": (dict(loss_tpye="dpo"), ["unknown key 'loss_tpye'; did you mean 'loss_type'?"]),
+    "misspelt-upstream-key": (dict(loss_type="dpo", lerning_rate="1e-4"), ["did you mean 'learning_rate'?"]),
+    "mask-prompt": (dict(loss_type="dpo", mask_prompt="true"), ["--mask-prompt", "Remove"]),
+    "reference-without-one": (dict(loss_type="orpo", reference="precomputed"), ["ORPO has no reference model"]),
+    "misspelt-loss": (dict(loss_type="dpoo"), ["Unknown loss_type 'dpoo'", "Did you mean 'dpo'?"]),
+    "misspelt-reference": (dict(loss_type="dpo", reference="adapters-off"), ["Did you mean 'adapters_off'?"]),
+    "trl-name": (dict(loss_type="kto", max_length=1024), ["'max_length' is TRL's name", "use max_seq_length"]),
+}  # fmt: skip
+BAD_DATA = {
+    "empty": ([], ["Training set not found or empty"]),
+    "all-identical": (
+        [{"prompt": "Is it? ", "chosen": "Yes.", "rejected": "Yes."}] * 4,
+        ["train.jsonl", "all 4 pairs have chosen identical to rejected"],
+    ),
+    "swapped-letters": (
+        [{"prompt": "Is it? ", "chosne": "Yes.", "rejected": "No."}],
+        ["train.jsonl:1: field 'chosne'", "did you mean 'chosen'?"],
+    ),
+}
+BAD_HF_DATASET = {
+    "a-name": ("orca_dpo_pairs", "hf_dataset must be a mapping (path, train_split, ...) or a list"),
+    "no-path": ([{"train_split": "train"}], "hf_dataset[0].path is missing"),
+    "a-list-of-names": (["orca_dpo_pairs"], "hf_dataset[0] must be a mapping."),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def refusals(tiny_model, tmp_path_factory):
+    """The refused runs of the cases below, in one interpreter (``lora_runs``): name ->
+    (the run, its folder)."""
+    root, runs = tmp_path_factory.mktemp("refusals"), {}
+    for name, (keys, _) in BAD_OPTIONS.items():
+        folder = root / name
+        data = write_data(folder / "data", n_train=8, n_valid=4)
+        runs[name] = (["--config", yaml_config(tiny_model, folder, data, **keys),
+                       "--train", *SHORT], folder)  # fmt: skip
+    for name, (rows, _) in BAD_DATA.items():
+        folder = root / name
+        data = write_data(folder / "data", n_train=8, n_valid=4)
+        write_jsonl(data / "train.jsonl", rows)
+        runs[name] = (["--model", tiny_model, "--data", data, "--adapter-path",
+                       folder / "out", "--train", "--loss-type", "dpo", *SHORT],
+                      folder)  # fmt: skip
+    for name, (hf_dataset, _) in BAD_HF_DATASET.items():
+        folder = root / name
+        folder.mkdir()
+        config = write_config(folder / "c.yaml", model=str(tiny_model), loss_type="dpo",
+                              train=True, adapter_path=str(folder / "out"),
+                              hf_dataset=hf_dataset)  # fmt: skip
+        runs[name] = (["--config", config, *SHORT], folder)
+    procs = lora_runs(list(runs.values()))
+    return {
+        name: (proc, folder) for (name, (_, folder)), proc in zip(runs.items(), procs)
+    }
+
+
+@pytest.mark.parametrize("name", BAD_OPTIONS)
+def test_bad_options_are_one_line(refusals, name):
+    refused(*refusals[name], *BAD_OPTIONS[name][1])
 
 
 def test_a_misspelt_preference_key_is_refused_in_an_sft_run_too(tiny_model, tmp_path):
@@ -199,29 +255,9 @@ def test_boolean_options_are_flags_like_mlx_lm(tiny_model, tmp_path):
     ]
 
 
-@pytest.mark.parametrize(
-    "rows,expected",
-    [
-        ([], ["Training set not found or empty"]),
-        (
-            [{"prompt": "Is it? ", "chosen": "Yes.", "rejected": "Yes."}] * 4,
-            ["train.jsonl", "all 4 pairs have chosen identical to rejected"],
-        ),
-        (
-            [{"prompt": "Is it? ", "chosne": "Yes.", "rejected": "No."}],
-            ["train.jsonl:1: field 'chosne'", "did you mean 'chosen'?"],
-        ),
-    ],
-    ids=["empty", "all-identical", "swapped-letters"],
-)
-def test_bad_data_is_one_line_before_the_model_loads(
-    tiny_model, tmp_path, rows, expected
-):
-    data = write_data(tmp_path / "data", n_train=8, n_valid=4)
-    write_jsonl(data / "train.jsonl", rows)
-    proc = lora(tiny_model, data, tmp_path / "out", "--train", "--loss-type", "dpo",
-                *SHORT, check=False)  # fmt: skip
-    refused(proc, tmp_path, *expected)
+@pytest.mark.parametrize("name", BAD_DATA)
+def test_bad_data_is_one_line_before_the_model_loads(refusals, name):
+    refused(*refusals[name], *BAD_DATA[name][1])
 
 
 def orca_rows(n):
@@ -249,23 +285,9 @@ def test_unused_columns_are_named_and_prompt_feature_maps_one(tiny_model, tmp_pa
     assert "ignored columns: system\n" in proc.stdout
 
 
-@pytest.mark.parametrize(
-    "hf_dataset,expected",
-    [
-        ("orca_dpo_pairs", "hf_dataset must be a mapping (path, train_split, ...) or a list"),
-        ([{"train_split": "train"}], "hf_dataset[0].path is missing"),
-        (["orca_dpo_pairs"], "hf_dataset[0] must be a mapping."),
-    ],
-    ids=["a-name", "no-path", "a-list-of-names"],
-)  # fmt: skip
-def test_bad_hf_dataset_entries_are_one_line(
-    tiny_model, tmp_path, hf_dataset, expected
-):
-    config = write_config(tmp_path / "c.yaml", model=str(tiny_model), loss_type="dpo",
-                          train=True, adapter_path=str(tmp_path / "out"),
-                          hf_dataset=hf_dataset)  # fmt: skip
-    proc = run_cli("lora", "--config", config, *SHORT, check=False)
-    refused(proc, tmp_path, expected)
+@pytest.mark.parametrize("name", BAD_HF_DATASET)
+def test_bad_hf_dataset_entries_are_one_line(refusals, name):
+    refused(*refusals[name], BAD_HF_DATASET[name][1])
 
 
 def test_top_level_column_mapping_reaches_hf_dataset_entries(tiny_model, tmp_path):

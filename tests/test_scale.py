@@ -19,6 +19,7 @@ from helpers import (
     TINY_LLAMA,
     corpus,
     lora,
+    lora_runs,
     make_rows,
     read_metrics,
     run_cli,
@@ -97,54 +98,36 @@ def equal_length_data(tiny_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def train_run(tiny_model, equal_length_data, tmp_path_factory):
-    """Runs SGD (an update proportional to the gradient, so a wrongly scaled accumulated
-    gradient shows) with validation before the first and the last update; memoized."""
-    done = {}
-
-    def run(method, *extra, batch_size=4, accumulate=1):
-        key = (method, extra, batch_size, accumulate)
-        if key not in done:
-            out = tmp_path_factory.mktemp(method)
-            lora(
-                tiny_model,
-                equal_length_data,
-                out,
-                "--train",
-                *METHODS[method],
-                "--batch-size",
-                batch_size,
-                "--grad-accumulation-steps",
-                accumulate,
-                "--iters",
-                UPDATES * accumulate,
-                "--steps-per-report",
-                accumulate,
-                "--steps-per-eval",
-                "100",
-                "--val-batches",
-                "-1",
-                "--num-layers",
-                "2",
-                "--optimizer",
-                "sgd",
-                "--learning-rate",
-                "0.2",
-                "--seed",
-                "0",
-                *extra,
-            )
-            done[key] = out
-        return done[key]
-
-    return run
+def train_runs(tiny_model, equal_length_data, tmp_path_factory):
+    """Each method trained with SGD (an update proportional to the gradient, so a wrongly
+    scaled accumulated gradient shows), validating before the first and the last update:
+    on batches of 4, and on 2 accumulated batches of 2 (one interpreter for all:
+    ``lora_runs``). (method, accumulate) -> its adapter folder."""
+    runs, outs = [], {}
+    for method in METHODS:
+        for batch_size, accumulate in ((4, 1), (2, 2)):
+            out = outs[method, accumulate] = tmp_path_factory.mktemp(method)
+            runs.append(
+                (
+                    ["--model", tiny_model, "--data", equal_length_data,
+                     "--adapter-path", out, "--train", *METHODS[method],
+                     "--batch-size", batch_size, "--grad-accumulation-steps",
+                     accumulate, "--iters", UPDATES * accumulate,
+                     "--steps-per-report", accumulate, "--steps-per-eval", "100",
+                     "--val-batches", "-1", "--num-layers", "2", "--optimizer", "sgd",
+                     "--learning-rate", "0.2", "--seed", "0"],
+                    out,
+                )
+            )  # fmt: skip
+    for proc in lora_runs(runs):
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return outs
 
 
 @pytest.mark.numerics
 @pytest.mark.parametrize("method", list(METHODS))
-def test_grad_accumulation_equals_one_batch_of_k_times_b(train_run, method):
-    whole = train_run(method, batch_size=4)
-    accumulated = train_run(method, batch_size=2, accumulate=2)
+def test_grad_accumulation_equals_one_batch_of_k_times_b(train_runs, method):
+    whole, accumulated = train_runs[method, 1], train_runs[method, 2]
     a, b = read_metrics(whole), read_metrics(accumulated)
     # validation before the first and before the last update, a training report per update
     assert [(m["split"], m["iteration"]) for m in a] == [
@@ -211,43 +194,44 @@ def unpaired_data(folder):
     return folder
 
 
-@pytest.mark.parametrize("loss_type", ["dpo", "orpo", "kto"])
-@pytest.mark.parametrize("base", ["q4", "bf16", "fp16"])
-def test_low_precision_bases_train(base_models, tmp_path, base, loss_type):
+LOW_PRECISION = [(b, m) for b in ("q4", "bf16", "fp16") for m in ("dpo", "orpo", "kto")]
+
+
+@pytest.fixture(scope="module")
+def low_precision_runs(base_models, tmp_path_factory):
+    """Each (base, loss_type) of LOW_PRECISION trained 12 steps (one interpreter for all:
+    ``lora_runs``): (base, loss_type) -> its adapter folder."""
+    runs, outs = [], []
+    for base, loss_type in LOW_PRECISION:
+        folder = tmp_path_factory.mktemp(f"{base}-{loss_type}")
+        data = write_data(folder / "data", n_train=48, n_valid=16)
+        if loss_type == "kto":
+            unpaired_data(data)
+        outs.append(folder / "adapters")
+        runs.append(
+            (
+                ["--model", base_models[base], "--data", data, "--adapter-path",
+                 outs[-1], "--train", "--loss-type", loss_type, "--iters", "12",
+                 "--batch-size", "4", "--num-layers", "2", "--learning-rate", "2e-3",
+                 "--steps-per-report", "1", "--steps-per-eval", "100",
+                 "--val-batches", "-1", "--seed", "0"],
+                folder,
+            )
+        )  # fmt: skip
+    for proc in lora_runs(runs):
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return dict(zip(LOW_PRECISION, outs))
+
+
+@pytest.mark.parametrize("base,loss_type", LOW_PRECISION)
+def test_low_precision_bases_train(base_models, low_precision_runs, base, loss_type):
     model = base_models[base]
     if base == "q4":
         config = json.loads((model / "config.json").read_text())
         assert config["quantization"]["bits"] == 4
         weights = mx.load(str(model / "model.safetensors"))
         assert any(k.endswith(".scales") for k in weights)  # really quantized
-    data = write_data(tmp_path / "data", n_train=48, n_valid=16)
-    if loss_type == "kto":
-        unpaired_data(data)
-    out = tmp_path / "adapters"
-    lora(
-        model,
-        data,
-        out,
-        "--train",
-        "--loss-type",
-        loss_type,
-        "--iters",
-        "12",
-        "--batch-size",
-        "4",
-        "--num-layers",
-        "2",
-        "--learning-rate",
-        "2e-3",
-        "--steps-per-report",
-        "1",
-        "--steps-per-eval",
-        "100",
-        "--val-batches",
-        "-1",
-        "--seed",
-        "0",
-    )
+    out = low_precision_runs[base, loss_type]
     metrics = read_metrics(out)
     for m in metrics:
         for name, value in numbers(m).items():
