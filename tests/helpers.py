@@ -240,7 +240,9 @@ def shared_layout(batch):
 def lora_here(argv, entry="mlx_lm_pref.lora"):
     """``<entry> <argv>`` in this process, as the console script runs it: ``(exit code,
     stdout, stderr)``. ``entry`` is ``mlx_lm_pref.lora`` or plain ``mlx_lm.lora`` (upstream's
-    ``main``, patched by the start-up hook on import)."""
+    ``main``, patched by the start-up hook on import). What mlx-lm's gradient
+    checkpointing changes for good (the layer class's ``__call__``) is put back after the
+    run, so the next run in this interpreter starts as a fresh one would."""
     import contextlib
     import io
 
@@ -266,7 +268,7 @@ def lora_here(argv, entry="mlx_lm_pref.lora"):
                 code = 0
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) else 1
-    finally:  # the next run in this interpreter starts as a fresh one would
+    finally:
         sys.argv, trainer.grad_checkpoint = saved, checkpoint
         for cls, call in checkpointed.items():
             cls.__call__ = call

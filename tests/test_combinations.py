@@ -405,8 +405,8 @@ INTERPRETERS = 4  # the single-process runs share them, two at a time
 
 @pytest.fixture(scope="module")
 def outcomes(tiny_model, tmp_path_factory):
-    """Every case with its twin (one interpreter each), the refused cases (one for all)
-    and the distributed runs, two at a time; by key."""
+    """Every case with its twin, and the refused cases, in INTERPRETERS interpreters, and
+    the distributed runs, two at a time; by key."""
     TINY[:] = [tiny_model]
     root = tmp_path_factory.mktemp("combinations")
     # made here, once: two worker threads drawing from mlx's global random state at once
