@@ -187,7 +187,7 @@ def rollout_batch(pairs, loss):
     from mlx_lm_pref.grpo import RolloutBatch, rollout_metric_names
 
     sequences = [s for p in pairs for s in (p.chosen, p.rejected)]
-    tokens, lengths = sft_rows(sequences)
+    tokens, _ = sft_rows(sequences)
     starts = [p.chosen_start for p in pairs for _ in range(2)]
     n = len(sequences)
     return RolloutBatch(
